@@ -1,0 +1,368 @@
+"""One typed, frozen config tree for every entry point.
+
+Loaded from YAML, overridable with dotted ``key=value`` pairs on the command line. Unknown keys,
+wrong types and out-of-range values fail at load time with an error that names the key, so a typo
+in a 40-hour cluster job is caught before any GPU is allocated.
+
+Defaults follow the published recipe (method.md); ``configs/debug_local.yaml`` shrinks them for a
+laptop CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = ""
+    """Video-R1 style JSON list of training records (blind-test filtered)."""
+    eval_path: str = ""
+    """Held-out JSON records for evaluation (may be empty: no periodic evaluation)."""
+    video_root: str = ""
+    """Directory that record ``video``/``path`` fields are relative to."""
+    num_frames: int = 32
+    """Frames sampled uniformly over each video (at most ``max_fps`` per second of video)."""
+    max_fps: float = 1.0
+    synthetic_dir: str = ""
+    """If set and ``train_path`` is missing, ``cacovid-rl train`` generates synthetic data here."""
+    synthetic_size: int = 2000
+    """Number of synthetic records to generate when ``synthetic_dir`` is used."""
+
+    def validate(self) -> None:
+        _check(self.num_frames >= 1, "data.num_frames", "must be >= 1")
+        _check(self.max_fps > 0, "data.max_fps", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "tiny"
+    """Local path of a ``save_pretrained`` checkpoint, or ``tiny`` for the model shipped in the package."""
+    family: Literal["auto", "llava_onevision", "qwen2_5_vl"] = "auto"
+    """Adapter family; ``auto`` reads ``model_type`` from the checkpoint's config."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_new_tokens: int = 16
+    """Answer budget per combination (the reference uses 768; bare answers need a handful)."""
+    mc_first_token_fast_path: bool = True
+    """Decide multiple-choice rewards from the first generated token when that provably fixes the reward."""
+    combos_per_forward: int = 0
+    """Max combinations per LLM forward; 0 picks the largest chunk that fits ``memory_budget_gb``."""
+    memory_budget_gb: float = 4.0
+    """Activation/KV memory an actor may use per scoring forward when choosing the chunk size."""
+
+    def validate(self) -> None:
+        _check(self.max_new_tokens >= 1, "model.max_new_tokens", "must be >= 1")
+        _check(self.combos_per_forward >= 0, "model.combos_per_forward", "must be >= 0")
+        _check(self.memory_budget_gb > 0, "model.memory_budget_gb", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    bidirectional: bool = True
+    """Run the policy decoder layer without a causal mask so video tokens see the question."""
+    init_from_layer0: bool = True
+    """Initialise the decoder layer from the LLM's layer 0 (method.md); else random init."""
+    path: str = ""
+    """Optional ``save_pretrained`` directory to start from instead of a fresh policy."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_content: int = 1
+    num_token: int = 23
+    num_frame: int = 8
+    rate: float = 0.02
+    """Initial keep rate per frame for training combinations (k = round(rate * tokens_per_frame))."""
+    group_size: int = 2
+    max_group_prob: float = 2.0
+    frame_ratio: float = 0.125
+    """Fraction of frames kept by a frame-mode sample."""
+    knn_k: int = 4
+    """Neighbours used by the DPC-KNN density."""
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_content + self.num_token + self.num_frame
+
+    def validate(self) -> None:
+        _check(0.0 < self.rate <= 1.0, "sampling.rate", "must be in (0, 1]")
+        _check(self.num_token >= 1, "sampling.num_token", "must be >= 1 (sample 0 is the top-k)")
+        _check(min(self.num_content, self.num_frame) >= 0, "sampling.num_content/num_frame", "must be >= 0")
+        _check(0.0 < self.frame_ratio <= 1.0, "sampling.frame_ratio", "must be in (0, 1]")
+        _check(self.group_size >= 1, "sampling.group_size", "must be >= 1")
+        _check(self.knn_k >= 1, "sampling.knn_k", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    iterations: int = 5
+    """Reuses of one question; each samples fresh combinations from the first-iteration scores."""
+    adaptive_rate: bool = True
+    high_reward: float = 0.875
+    low_reward: float = 0.125
+    min_rate: float = 0.01
+    max_rate: float = 0.12
+
+    def validate(self) -> None:
+        _check(self.iterations >= 1, "rollout.iterations", "must be >= 1")
+        _check(0 < self.min_rate <= self.max_rate <= 1, "rollout.min_rate/max_rate", "need 0 < min <= max <= 1")
+        _check(self.low_reward < self.high_reward, "rollout.low_reward", "must be < rollout.high_reward")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    """Weight of the optional k3 KL towards Bernoulli(0.5)."""
+    adv_eps: float = 1e-4
+    frame_loss: bool = True
+
+    def validate(self) -> None:
+        _check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high", "must be >= 0")
+        _check(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = 1e-6
+    """Learning rate of the scoring heads."""
+    decoder_lr_scale: float = 0.1
+    """Decoder-layer learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    """Policy updates (questions-per-step batches) before the run stops."""
+    questions_per_step: int = 1
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 2
+    device: str = "cpu"
+    checkpoint_dir: str = "runs/default/checkpoints"
+    checkpoint_every: int = 50
+    publish_every: int = 1
+    """Publish weights to actors every N updates."""
+    max_staleness: int = 2
+    """Drop trajectories generated with weights more than this many versions old."""
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "learner.lr", "must be > 0")
+        _check(self.total_steps >= 1, "learner.total_steps", "must be >= 1")
+        _check(self.questions_per_step >= 1, "learner.questions_per_step", "must be >= 1")
+        _check(self.grad_clip > 0, "learner.grad_clip", "must be > 0")
+        _check(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.publish_every >= 1, "learner.publish_every", "must be >= 1")
+        _check(self.max_staleness >= 0, "learner.max_staleness", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = "local"
+    """``local`` starts a loopback-only Ray instance; ``auto`` joins the cluster of a submitted job."""
+    num_cpus: int = 2
+    """CPUs of the local Ray instance (ignored when joining a cluster)."""
+    object_store_memory_mb: int = 512
+    min_actors: int = 2
+    max_actors: int = 2
+    """The elastic pool grows towards this as ``reward_actor`` resources appear."""
+    actor_num_gpus: float = 0.0
+    actor_num_cpus: float = 1.0
+    actor_resource: str = ""
+    """Custom resource each reward actor asks for (``reward_actor`` on a cluster, empty locally)."""
+    torch_threads: int = 1
+    max_restarts: int = 3
+    call_timeout_s: float = 600.0
+    """A reward call taking longer than this counts as a hung actor: the actor is killed, work re-dispatched."""
+    inflight_per_actor: int = 2
+    pool_resize_every_s: float = 10.0
+
+    def validate(self) -> None:
+        _check(1 <= self.min_actors <= self.max_actors, "cluster.min_actors/max_actors", "need 1 <= min <= max")
+        _check(self.call_timeout_s > 0, "cluster.call_timeout_s", "must be > 0")
+        _check(self.inflight_per_actor >= 1, "cluster.inflight_per_actor", "must be >= 1")
+        _check(self.torch_threads >= 1, "cluster.torch_threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    retentions: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50)
+    baselines: tuple[str, ...] = ("uniform", "random", "fastv", "visionzip", "divprune")
+    every_steps: int = 0
+    """Launch the evaluation task every N learner steps (0: only at the end)."""
+    max_samples: int = 0
+    """Evaluate on at most this many held-out records (0: all)."""
+    imp_ratio: float = 0.5
+
+    def validate(self) -> None:
+        for r in self.retentions:
+            _check(0.0 < r <= 1.0, "eval.retentions", f"ratio {r} must be in (0, 1]")
+        _check(0.0 <= self.imp_ratio <= 1.0, "eval.imp_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "cacovid-rl"
+    entity: str = ""
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = "runs/default"
+    seed: int = 42
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **overrides: Any) -> Config:
+        """Return a copy with dotted-key overrides applied (``replace(**{"learner.lr": 1e-5})``)."""
+        return from_dict(apply_overrides(self.to_dict(), [f"{k}={_yaml_literal(v)}" for k, v in overrides.items()]))
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {what}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _yaml_literal(value: Any) -> str:
+    return yaml.safe_dump(_to_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type, converting only where YAML is ambiguous."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' has invalid value {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys under '{prefix or '<root>'}': {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw or {}).validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in order."""
+    raw = _to_plain(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    return from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,116 @@
+"""Data types shared across the library: the contracts between data, models, policy and RL code.
+
+Conventions used everywhere:
+- A question's video occupies one contiguous block of ``T * N`` tokens in the LLM input sequence,
+  starting at ``EncodedQuestion.video_start``, in (frame, row, column) order. ``T`` is the number of
+  policy "frames" (temporal groups for Qwen2.5-VL) and ``N`` the tokens per frame.
+- A *combination* (a set of kept tokens) is a sorted LongTensor of flat indices in ``[0, T*N)``.
+  All ``G`` combinations of one question keep the same number ``K`` of tokens, so they stack as
+  a ``[G, K]`` tensor and batch without padding.
+- Sample modes: ``MODE_CONTENT`` (DPC-KNN, policy-free), ``MODE_TOKEN`` and ``MODE_FRAME``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODE_CONTENT = 0
+MODE_TOKEN = 1
+MODE_FRAME = 2
+MODE_NAMES = {MODE_CONTENT: "content", MODE_TOKEN: "token", MODE_FRAME: "frame"}
+
+
+@dataclass
+class EncodedQuestion:
+    """One question with its video encoded once: everything needed to score combinations and run the policy.
+
+    ``inputs_embeds`` is the full LLM input sequence (template text, all video tokens, trailing
+    extras such as LLaVA's ``image_newline``, question, generation prompt).
+    ``position_ids`` holds the positions of the full sequence: shape ``[L]`` (1-D RoPE) or ``[3, L]``
+    (Qwen2.5-VL M-RoPE). Pruning gathers columns; positions are never recomputed.
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    video_start: int
+    num_frames: int
+    tokens_per_frame: int
+    input_ids: torch.Tensor | None = None
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs_embeds.shape[0])
+
+    def video_features(self) -> torch.Tensor:
+        """Video tokens as ``[T, N, D]`` (a view of ``inputs_embeds``)."""
+        s = self.video_start
+        return self.inputs_embeds[s : s + self.num_video_tokens].view(self.num_frames, self.tokens_per_frame, -1)
+
+    def kept_sequence_index(self, keep: torch.Tensor) -> torch.Tensor:
+        """Sequence indices of the LLM input when only ``keep`` (``[..., K]`` flat video indices) survive.
+
+        Text and non-video tokens (e.g. ``image_newline``) are always kept. Returns ``[..., L - T*N + K]``.
+        """
+        s, n = self.video_start, self.num_video_tokens
+        device = keep.device
+        before = torch.arange(0, s, device=device)
+        after = torch.arange(s + n, self.seq_len, device=device)
+        lead = keep.shape[:-1]
+        parts = [before.expand(*lead, s), keep + s, after.expand(*lead, after.numel())]
+        return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class PolicyScores:
+    """Bernoulli log-odds of keeping each video token (``[T, N]``) and each frame (``[T]``)."""
+
+    token: torch.Tensor
+    frame: torch.Tensor
+
+
+@dataclass
+class Combinations:
+    """``G`` sampled token combinations of one question: ``keep`` ``[G, K]`` sorted flat indices, ``mode`` ``[G]``."""
+
+    keep: torch.Tensor
+    mode: torch.Tensor
+    rate: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.keep.shape[0])
+
+
+@dataclass
+class QuestionMemory:
+    """Every combination sampled for one question so far, across its iterations, with its reward.
+
+    ``iteration[i]`` says in which iteration (0-based) sample ``i`` was drawn, so the learner can take
+    the optimiser step of iteration ``j`` on ``iteration <= j`` exactly as the single-process method does.
+    """
+
+    keep: list[torch.Tensor] = field(default_factory=list)
+    mode: list[torch.Tensor] = field(default_factory=list)
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    iteration: list[torch.Tensor] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+    def append(self, combos: Combinations, rewards: torch.Tensor) -> None:
+        it = len(self.rates)
+        self.keep.append(combos.keep)
+        self.mode.append(combos.mode)
+        self.rewards.append(rewards.float())
+        self.iteration.append(torch.full((len(combos),), it, dtype=torch.long))
+        self.rates.append(combos.rate)
+
+    def all_rewards(self) -> torch.Tensor:
+        return torch.cat(self.rewards) if self.rewards else torch.zeros(0)
+
+    def mean_reward(self) -> float:
+        r = self.all_rewards()
+        return float(r.mean()) if r.numel() else 0.0
