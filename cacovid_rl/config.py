@@ -153,6 +153,8 @@ class LearnerConfig:
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = 2
     device: str = "cpu"
+    placement_resource: str = ""
+    """Custom resource the learner actor asks for (``learner`` on a cluster, empty locally)."""
     checkpoint_dir: str = "runs/default/checkpoints"
     checkpoint_every: int = 50
     publish_every: int = 1

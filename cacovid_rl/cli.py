@@ -1,0 +1,210 @@
+"""The ``cacovid-rl`` command.
+
+Subcommands that need Ray (``train``, ``eval``) import the driver lazily, so the library itself
+never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cacovid_rl.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path("configs/debug_local.yaml")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (default: configs/debug_local.yaml: CPU, shipped tiny model, generated data)",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.total_steps=20 model.device=cuda")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate the synthetic dataset when the config points at it and it is not there yet."""
+    if Path(cfg.data.train_path).is_file() or not cfg.data.synthetic_dir:
+        return
+    from cacovid_rl.data.synthetic import make_synthetic
+
+    logging.getLogger("cacovid_rl").warning(
+        "training data %s missing: generating %d synthetic records in %s",
+        cfg.data.train_path,
+        cfg.data.synthetic_size,
+        cfg.data.synthetic_dir,
+    )
+    make_synthetic(cfg.data.synthetic_dir, n=cfg.data.synthetic_size, seed=0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    ensure_data(cfg)
+    from learner.driver import train
+
+    summary = train(cfg, resume=args.resume, stop_after_updates=args.stop_after)
+    print(json.dumps({k: v for k, v in summary.items() if k != "counters"}, indent=2))
+    if args.eval_after and cfg.data.eval_path:
+        from actors.evaluation import run_evaluation
+        from cacovid_rl.eval.evaluate import write_eval_outputs
+        from cacovid_rl.policy.network import CacovidPolicy
+
+        policy = CacovidPolicy.from_pretrained(summary["policy_dir"])
+        result = run_evaluation(cfg, policy, summary["version"], progress=True)
+        json_path, png_path, _, _ = write_eval_outputs(result, Path(cfg.output_dir) / "eval")
+        _print_eval(result)
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _print_eval(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rets = result["retentions"]
+    table = Table(title=f"accuracy (n={result['n']}, skipped={result['skipped']}, full tokens {result['full']:.3f})")
+    table.add_column("method")
+    for r in rets:
+        table.add_column(f"{r:.0%}", justify="right")
+    for m, per in result["methods"].items():
+        table.add_row(m, *[f"{per[str(r)]:.3f}" for r in rets])
+    Console().print(table)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from actors.evaluation import run_evaluation
+    from cacovid_rl.eval.evaluate import write_eval_outputs
+    from cacovid_rl.policy.network import CacovidPolicy
+
+    policy = CacovidPolicy.from_pretrained(args.policy) if args.policy else None
+    result = run_evaluation(cfg, policy, version=0, progress=True)
+    json_path, png_path, _, _ = write_eval_outputs(result, Path(args.out or Path(cfg.output_dir) / "eval"))
+    _print_eval(result)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from cacovid_rl.inference import CacovidPruner
+
+    pruner = CacovidPruner.from_pretrained(args.policy)
+    out = pruner.answer(args.model, args.video, args.question, retention=args.retention, num_frames=args.num_frames)
+    print(json.dumps({"answer": out.text, "kept": len(out.kept_indices), "of": out.num_video_tokens}))
+    return 0
+
+
+def cmd_blind_test(args: argparse.Namespace) -> int:
+    from cacovid_rl.config import ModelConfig
+    from cacovid_rl.data.blind_test import run_blind_test
+    from cacovid_rl.data.records import load_records
+    from cacovid_rl.models.loading import load_adapter
+
+    report = load_records(args.data, args.video_root or str(Path(args.data).parent), check_videos=False)
+    for err in report.errors[:20]:
+        print(f"warning: {err}", file=sys.stderr)
+    adapter = load_adapter(ModelConfig(path=args.model, device=args.device))
+    summary = run_blind_test(report.records, adapter, args.out)
+    print(json.dumps(summary.__dict__ if hasattr(summary, "__dict__") else summary, indent=2, default=str))
+    return 0
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from cacovid_rl.data.synthetic import make_synthetic
+
+    make_synthetic(args.out, n=args.n, seed=args.seed)
+    print(f"wrote synthetic dataset to {args.out}")
+    return 0
+
+
+def cmd_train_tiny_vlm(args: argparse.Namespace) -> int:
+    from cacovid_rl.models.tiny_vlm import train_tiny_vlm
+
+    train_tiny_vlm(args.data, args.out, seed=args.seed)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cacovid_rl.eval.report import main as report_main
+
+    return report_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cacovid-rl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy with Ray reward actors (local debug mode by default)")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in learner.checkpoint_dir"
+    )
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N more updates")
+    p.add_argument("--eval-after", action="store_true", help="evaluate the final policy on data.eval_path")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy at several retentions vs baselines on data.eval_path")
+    _add_config_args(p)
+    p.add_argument("--policy", default="", help="policy directory (save_pretrained); omit for baselines only")
+    p.add_argument("--out", default="", help="output directory for JSON + PNG (default: <output_dir>/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("answer", help="answer a question about a video using only the selected tokens")
+    p.add_argument("--video", required=True, help="video file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--retention", type=float, default=0.1, help="fraction of video tokens kept, in (0, 1]")
+    p.add_argument("--policy", required=True, help="trained policy directory")
+    p.add_argument("--model", default="tiny", help="video LLM checkpoint path (default: shipped tiny model)")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("blind-test", help="drop questions the LLM answers without the video")
+    p.add_argument("--data", required=True, help="Video-R1 JSON records")
+    p.add_argument("--model", required=True, help="video LLM checkpoint path, or 'tiny'")
+    p.add_argument("--out", required=True, help="filtered JSON output (resumable)")
+    p.add_argument("--video-root", default="", help="video root (default: the data file's folder)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_blind_test)
+
+    p = sub.add_parser("make-synthetic", help="generate the synthetic needle video-QA dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("train-tiny-vlm", help="rebuild the shipped tiny video LLM from a seed")
+    p.add_argument("--data", required=True, help="synthetic dataset directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_tiny_vlm)
+
+    p = sub.add_parser("report", help="evaluation report (JSON + Markdown + PNG) for trained runs")
+    p.add_argument("--run", required=True, help="run directory (or a parent of several seeds' runs)")
+    p.add_argument("--out", default="", help="report directory (default: <run>/report)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""One question's rollout: encode the video once, score it with the (old) policy, then for each
+iteration sample combinations from those first-iteration scores, answer them all with the frozen
+LLM and reward them, adapting the keep rate from the question's memory.
+
+Because every iteration samples from the first-iteration scores and the rate depends only on
+rewards, the whole loop runs at one weight version: a reward actor does it end to end and the
+learner then replays the per-iteration optimiser steps on the growing memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cacovid_rl.config import ModelConfig, RolloutConfig, SamplingConfig
+from cacovid_rl.data.prompts import build_prompt
+from cacovid_rl.data.records import QARecord
+from cacovid_rl.policy.sampling import sample_combinations
+from cacovid_rl.rl.rewards import batch_rewards
+from cacovid_rl.types import EncodedQuestion, PolicyScores, QuestionMemory
+
+
+def next_rate(rate: float, mean_reward: float, cfg: RolloutConfig) -> float:
+    """Adaptive per-question rate: halve when the question is too easy, double when too hard."""
+    if not cfg.adaptive_rate:
+        return rate
+    if mean_reward >= cfg.high_reward:
+        return max(cfg.min_rate, rate / 2)
+    if mean_reward <= cfg.low_reward:
+        return min(cfg.max_rate, rate * 2)
+    return rate
+
+
+def sample_generator(seed: int, sample_id: str, epoch: int) -> torch.Generator:
+    """RNG of one question's rollout, derived from (seed, sample, epoch) only.
+
+    Seeding by the sample rather than by the actor makes a re-dispatched question (dead actor) give
+    the same trajectory, and makes runs independent of which actor took which question.
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+@dataclass
+class RolloutResult:
+    enc: EncodedQuestion
+    old: PolicyScores
+    memory: QuestionMemory
+    timings: dict[str, float] = field(default_factory=dict)
+    num_combinations: int = 0
+
+
+@torch.no_grad()
+def rollout_question(
+    adapter,
+    policy,
+    record: QARecord,
+    frames: np.ndarray,
+    sampling: SamplingConfig,
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    generator: torch.Generator,
+) -> RolloutResult:
+    """Run one question's full sampling-and-reward loop at the policy's current weights."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    enc = adapter.encode(frames, build_prompt(record.problem, record.problem_type))
+    t1 = time.perf_counter()
+    old = policy.score(enc)
+    old = PolicyScores(token=old.token.float().cpu(), frame=old.frame.float().cpu())
+    t2 = time.perf_counter()
+    features = enc.video_features().float().cpu()
+    memory = QuestionMemory()
+    rate = sampling.rate
+    t_sample = t_llm = 0.0
+    fast_path = model_cfg.mc_first_token_fast_path and record.problem_type == "multiple choice"
+    for _ in range(rollout.iterations):
+        ts = time.perf_counter()
+        combos = sample_combinations(old, features, rate, sampling, generator)
+        tl = time.perf_counter()
+        answers = adapter.generate(
+            enc, combos.keep.to(enc.inputs_embeds.device), model_cfg.max_new_tokens, first_token_fast_path=fast_path
+        )
+        rewards = torch.from_numpy(batch_rewards(answers, record.answer, record.problem_type))
+        t_sample += tl - ts
+        t_llm += time.perf_counter() - tl
+        memory.append(combos, rewards)
+        rate = next_rate(rate, memory.mean_reward(), rollout)
+    timings.update(encode=t1 - t0, policy=t2 - t1, sample=t_sample, score=t_llm, total=time.perf_counter() - t0)
+    n = sum(len(k) for k in memory.keep)
+    return RolloutResult(enc=enc, old=old, memory=memory, timings=timings, num_combinations=n)

@@ -1,0 +1,113 @@
+"""The policy update, Ray-free: optimizer, schedule and the per-iteration replay of the method.
+
+In the single-process method each question is reused for ``I`` iterations and every iteration takes
+one optimiser step on the question's memory so far. A trajectory carries which iteration drew each
+sample, so :meth:`PolicyUpdater.update` replays exactly that: step ``j`` uses the samples drawn in
+iterations ``<= j`` of every question in the batch, with policy scores recomputed (with gradients)
+from the shipped policy input and the behaviour policy's scores as ``logp_old``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cacovid_rl.config import LearnerConfig, LossConfig
+from cacovid_rl.rl.loss import cacovid_loss
+from cacovid_rl.rl.trajectory import Trajectory
+from cacovid_rl.types import PolicyScores
+
+
+def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int):
+    """Linear warmup then cosine decay to 0 (or constant), as a multiplier of the base LR."""
+
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, total_optimizer_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def policy_scores_for(policy: torch.nn.Module, traj: Trajectory, device: torch.device | str) -> PolicyScores:
+    """Recompute the policy's scores (with gradients) from a trajectory's shipped policy input."""
+    dtype = next(policy.parameters()).dtype
+    emb = torch.from_numpy(np.asarray(traj.inputs_embeds)).to(device=device, dtype=dtype)
+    pos = torch.from_numpy(np.asarray(traj.position_ids, dtype=np.int64)).to(device)
+    return policy(emb, pos, traj.video_start, traj.num_frames, traj.tokens_per_frame)
+
+
+class PolicyUpdater:
+    """Owns the optimizer and schedule of a policy; one :meth:`update` per batch of trajectories."""
+
+    def __init__(
+        self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
+    ) -> None:
+        self.policy = policy.to(device)
+        self.cfg = learner
+        self.loss_cfg = loss
+        self.iterations = iterations
+        self.device = device
+        self.optimizer = torch.optim.AdamW(
+            policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay), lr=learner.lr
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(learner, learner.total_steps * iterations)
+        )
+        self.optimizer_steps = 0
+
+    def _batch_loss(self, trajs: Sequence[Trajectory], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        for traj in trajs:
+            sel = np.nonzero(traj.iterations <= iteration)[0]
+            keeps = traj.keep_list()
+            new = policy_scores_for(self.policy, traj, self.device)
+            old = traj.old_scores()
+            old = PolicyScores(old.token.to(self.device), old.frame.to(self.device))
+            out = cacovid_loss(
+                new,
+                old,
+                [keeps[i].to(self.device) for i in sel],
+                torch.from_numpy(traj.modes[sel].astype(np.int64)).to(self.device),
+                torch.from_numpy(np.array(traj.rewards[sel])).to(self.device),
+                self.loss_cfg,
+            )
+            total = total + out.total / len(trajs)
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(trajs)
+        return total, metrics
+
+    def update(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
+        """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics."""
+        if not trajs:
+            raise ValueError("update() needs at least one trajectory")
+        self.policy.train()
+        iterations = max(len(t.rates) for t in trajs)
+        agg: dict[str, float] = {}
+        for it in range(iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self._batch_loss(trajs, it)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at optimizer step {self.optimizer_steps} "
+                    f"(samples {[t.sample_id for t in trajs]}); lower learner.lr or check the inputs"
+                )
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer_steps += 1
+            metrics.update({"loss/total": float(loss.detach()), "policy/grad_norm": float(grad_norm)})
+            for k, v in metrics.items():
+                agg[k] = agg.get(k, 0.0) + v / iterations
+        agg["learner/lr"] = float(self.scheduler.get_last_lr()[0])
+        agg["learner/optimizer_steps"] = float(self.optimizer_steps)
+        return agg

@@ -1,0 +1,182 @@
+"""Elastic pool of reward actors: one dispatch helper, growth as nodes arrive, shrink as they leave.
+
+Each actor asks for ``cluster.actor_resource`` (``reward_actor`` on a cluster), so on an autoscaling
+cluster a pool larger than the cluster leaves actors pending and the autoscaler adds nodes
+(``request_resources`` makes that demand explicit up to ``max_actors``). Actors are only given work
+once they report where they run; an actor whose node has left is killed and its work re-dispatched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.reward_actor import RewardActor
+from cacovid_rl.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    actor_id: str
+    handle: Any
+    info_ref: Any
+    node_id: str = ""
+    inflight: dict[Any, float] = field(default_factory=dict)  # status ref -> dispatch time
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.node_id)
+
+
+class ActorPool:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.cfg_dict = cfg.to_dict()
+        self.slots: dict[str, Slot] = {}
+        self._next = 0
+        self.created = 0
+        self.removed = 0
+        self._last_resize = 0.0
+        self._remote = ray.remote(RewardActor)
+
+    # -- membership ----------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """How many actors the live nodes can host by the pool's custom resource."""
+        res = self.cfg.cluster.actor_resource
+        if not res:
+            return self.cfg.cluster.max_actors
+        total = sum(n["Resources"].get(res, 0.0) for n in ray.nodes() if n["Alive"])
+        return int(total)
+
+    def target_size(self) -> int:
+        c = self.cfg.cluster
+        return max(c.min_actors, min(c.max_actors, self.capacity()))
+
+    def _spawn(self) -> None:
+        c = self.cfg.cluster
+        actor_id = f"reward-{self._next}"
+        self._next += 1
+        opts: dict[str, Any] = {
+            "num_cpus": c.actor_num_cpus,
+            "num_gpus": c.actor_num_gpus,
+            "max_restarts": c.max_restarts,
+            "max_task_retries": 0,  # the driver re-dispatches; Ray must not silently re-run work
+        }
+        if c.actor_resource:
+            opts["resources"] = {c.actor_resource: 1}
+        handle = self._remote.options(**opts).remote(self.cfg_dict, actor_id)
+        self.slots[actor_id] = Slot(actor_id, handle, handle.info.remote())
+        self.created += 1
+
+    def remove(self, actor_id: str) -> list[Any]:
+        """Kill an actor for good; returns its in-flight status refs (for re-dispatch)."""
+        slot = self.slots.pop(actor_id)
+        ray.kill(slot.handle, no_restart=True)
+        self.removed += 1
+        return list(slot.inflight)
+
+    def resize(self, force: bool = False) -> list[Any]:
+        """Grow/shrink towards the target size; returns in-flight refs of removed actors."""
+        now = time.monotonic()
+        if not force and now - self._last_resize < self.cfg.cluster.pool_resize_every_s:
+            self._poll_ready()
+            return []
+        self._last_resize = now
+        self._poll_ready()
+        orphaned: list[Any] = []
+        alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for slot in list(self.slots.values()):
+            if slot.ready and slot.node_id not in alive_nodes:
+                log.warning("node of %s left the cluster: removing it", slot.actor_id)
+                orphaned += self.remove(slot.actor_id)
+        target = self.target_size()
+        while len(self.slots) < target:
+            self._spawn()
+        if len(self.slots) > target:  # shrink: drop idle actors first
+            for slot in sorted(self.slots.values(), key=lambda s: (len(s.inflight), not s.ready)):
+                if len(self.slots) <= target:
+                    break
+                if not slot.inflight:
+                    orphaned += self.remove(slot.actor_id)
+        if self.cfg.cluster.address != "local" and self.cfg.cluster.actor_resource:
+            self._request_autoscaler_capacity()
+        return orphaned
+
+    def _request_autoscaler_capacity(self) -> None:
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{self.cfg.cluster.actor_resource: 1}] * self.cfg.cluster.max_actors)
+        except Exception as exc:  # no autoscaler (static cluster): nothing to ask
+            log.debug("request_resources unavailable: %s", exc)
+
+    def _poll_ready(self) -> None:
+        pending = {s.info_ref: s for s in self.slots.values() if not s.ready}
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            slot = pending[ref]
+            try:
+                slot.node_id = ray.get(ref, timeout=1)["node_id"]
+            except (RayActorError, GetTimeoutError) as exc:
+                log.warning("actor %s failed to start: %s", slot.actor_id, exc)
+                slot.info_ref = slot.handle.info.remote()
+
+    def wait_ready(self, n: int, timeout: float) -> None:
+        """Block until at least ``n`` actors report ready (start-up)."""
+        deadline = time.monotonic() + timeout
+        while sum(s.ready for s in self.slots.values()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {sum(s.ready for s in self.slots.values())} of {n} reward actors started in {timeout:.0f}s; "
+                    "check cluster resources (cluster.actor_num_gpus / actor_resource) and actor logs"
+                )
+            self._poll_ready()
+            time.sleep(0.05)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def free_slots(self) -> list[Slot]:
+        cap = self.cfg.cluster.inflight_per_actor
+        return sorted(
+            (s for s in self.slots.values() if s.ready and len(s.inflight) < cap), key=lambda s: len(s.inflight)
+        )
+
+    def submit(self, slot: Slot, item: dict[str, Any], handle) -> tuple[Any, Any]:
+        status_ref, payload_ref = slot.handle.run.remote(item, handle)
+        slot.inflight[status_ref] = time.monotonic()
+        return status_ref, payload_ref
+
+    def owner(self, status_ref: Any) -> Slot | None:
+        for s in self.slots.values():
+            if status_ref in s.inflight:
+                return s
+        return None
+
+    def hung(self) -> list[Slot]:
+        limit = self.cfg.cluster.call_timeout_s
+        now = time.monotonic()
+        return [s for s in self.slots.values() if any(now - t > limit for t in s.inflight.values())]
+
+    def restart(self, slot: Slot) -> list[Any]:
+        """Kill a hung actor and let Ray restart it (``max_restarts``); returns its in-flight refs."""
+        refs = list(slot.inflight)
+        slot.inflight.clear()
+        ray.kill(slot.handle, no_restart=False)
+        slot.node_id = ""
+        slot.info_ref = slot.handle.info.remote()
+        return refs
+
+    def all_inflight(self) -> list[Any]:
+        return [r for s in self.slots.values() for r in s.inflight]
+
+    def shutdown(self) -> None:
+        for actor_id in list(self.slots):
+            self.remove(actor_id)
