@@ -9,6 +9,7 @@ once they report where they run; an actor whose node has left is killed and its 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,8 @@ class ActorPool:
             "num_gpus": c.actor_num_gpus,
             "max_restarts": c.max_restarts,
             "max_task_retries": 0,  # the driver re-dispatches; Ray must not silently re-run work
+            # Named so operators (and the fault-injection tests) can find an actor: ray.get_actor(name).
+            "name": f"cacovid-{os.getpid()}-{actor_id}",
         }
         if c.actor_resource:
             opts["resources"] = {c.actor_resource: 1}
