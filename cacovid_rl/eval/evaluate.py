@@ -16,7 +16,7 @@ import torch
 from cacovid_rl.baselines.base import SelectionContext, get_selector
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
-from cacovid_rl.data.video import read_frames
+from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.rl.rewards import compute_reward
 
 
@@ -50,7 +50,7 @@ def evaluate(
     for rec in iterator:
         try:
             frames = read_frames(rec.video, num_frames, max_fps)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, VideoDecodeError) as exc:
             skipped += 1
             errors.append(f"{rec.sample_id}: {exc}")
             continue

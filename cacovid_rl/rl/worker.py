@@ -17,7 +17,7 @@ import torch
 
 from cacovid_rl.config import Config
 from cacovid_rl.data.records import QARecord
-from cacovid_rl.data.video import read_frames
+from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.rollout import rollout_question, sample_generator
@@ -115,7 +115,7 @@ class RewardWorker:
                 reward_mean=float(np.mean(traj.rewards)),
                 timings=traj.timings,
             )
-        except (ValueError, OSError, KeyError) as exc:  # VideoDecodeError/DataError are ValueErrors
+        except (ValueError, OSError, KeyError, VideoDecodeError) as exc:
             payload = b""
             status.update(status="skipped", error=f"{type(exc).__name__}: {exc}")
         elapsed = time.perf_counter() - t0

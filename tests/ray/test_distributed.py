@@ -1,0 +1,142 @@
+"""The actor-learner system on real Ray: fan-out, weight versions, faults, resume, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.ray.conftest import make_cfg, read_metrics, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _assert_every_sample_once(summary: dict, cfg) -> None:
+    total = cfg.learner.total_steps * cfg.learner.questions_per_step
+    consumed = summary["counters"]["consumed_indices"]
+    assert sorted(consumed) == list(range(total)), "every dispatched question is consumed exactly once"
+    assert summary["counters"]["consumed"] == total
+
+
+def test_new_weight_version_reaches_every_actor(local_ray, tmp_path: Path, synthetic_dir: Path):
+    import ray
+
+    from learner.pool import ActorPool
+    from learner.weights import WeightHandle
+
+    cfg = make_cfg(tmp_path, synthetic_dir)
+    pool = ActorPool(cfg)
+    try:
+        pool.resize(force=True)
+        pool.wait_ready(2, timeout=120)
+        slots = list(pool.slots.values())
+        layout = ray.get(slots[0].handle.info.remote())
+        assert layout["version"] == -1
+        from cacovid_rl.models.loading import load_adapter
+        from cacovid_rl.rl.worker import build_policy
+
+        flat, meta = build_policy(cfg, load_adapter(cfg.model)).flat_state()
+        for version in (1, 2):
+            buf = flat + np.float32(version)  # a different weight set per version
+            handle = WeightHandle.publish(buf, meta, version)
+            assert ray.get([s.handle.sync.remote(handle) for s in slots], timeout=60) == [version] * len(slots)
+            assert [ray.get(s.handle.info.remote())["version"] for s in slots] == [version] * len(slots)
+        bad = WeightHandle.publish(flat, meta, 3)
+        bad.checksum = "00000000"
+        with pytest.raises(ray.exceptions.RayTaskError, match="checksum"):
+            ray.get(slots[0].handle.sync.remote(bad), timeout=60)
+    finally:
+        pool.shutdown()
+
+
+def test_local_training_consumes_each_sample_once_and_checkpoints(local_ray, tmp_path: Path, synthetic_dir: Path):
+    from learner.driver import train
+
+    cfg = make_cfg(tmp_path, synthetic_dir)
+    summary = train(cfg)
+    _assert_every_sample_once(summary, cfg)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss/total"]) for r in rows)
+    assert rows[-1]["sync/version"] == 4
+    assert all(r["policy/staleness_max"] <= cfg.learner.max_staleness for r in rows)
+    assert (Path(summary["checkpoint"]) / "policy").is_dir()
+    assert (tmp_path / "policy").is_dir()
+
+
+def test_resume_matches_uninterrupted_run(local_ray, tmp_path: Path, synthetic_dir: Path):
+    from learner.driver import train
+
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full = train(make_cfg(full_dir, synthetic_dir))
+    part_cfg = make_cfg(resumed_dir, synthetic_dir)
+    first = train(part_cfg, stop_after_updates=2)
+    assert first["version"] == 2
+    resumed = train(part_cfg, resume=True)
+    assert resumed["version"] == 4
+    _assert_every_sample_once(resumed, part_cfg)
+    a, b = read_metrics(full_dir), read_metrics(resumed_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss/total"] == pytest.approx(rb["loss/total"], rel=1e-5, abs=1e-7)
+        assert ra["reward/mean"] == pytest.approx(rb["reward/mean"])
+    assert full["weights_checksum"] == resumed["weights_checksum"]
+
+
+def test_bad_video_is_skipped_and_counted(local_ray, tmp_path: Path, synthetic_dir: Path):
+    import json
+    import shutil
+
+    from learner.driver import train
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    records = json.loads((data / "train.json").read_text())
+    (data / records[0]["video"]).write_bytes(b"this is not an mp4")
+    cfg = make_cfg(tmp_path / "run", data, "learner.total_steps=3")
+    summary = train(cfg)
+    assert summary["counters"]["skipped"] >= 1
+    _assert_every_sample_once(summary, cfg)
+
+
+def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_dir: Path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from learner.driver import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
+    nodes = [
+        cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2) for _ in range(2)
+    ]
+    ray.init(address=cluster.address)
+    try:
+        cfg = make_cfg(
+            tmp_path,
+            synthetic_dir,
+            "learner.total_steps=8",
+            "cluster.actor_resource=reward_actor",
+            "cluster.min_actors=1",
+            "cluster.max_actors=2",
+            "cluster.actor_num_cpus=0",
+        )
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.update(summary=train(cfg)), daemon=True)
+        thread.start()
+        wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 300, "the first update")
+        names = [n for n in ray.util.list_named_actors() if "reward-" in n]
+        ray.kill(ray.get_actor(sorted(names)[0]), no_restart=False)  # an actor dies mid-batch
+        wait_for(lambda: len(read_metrics(tmp_path)) >= 3, 300, "updates after the kill")
+        cluster.remove_node(nodes[1])  # a whole node leaves
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "training did not finish"
+        summary = out["summary"]
+        _assert_every_sample_once(summary, cfg)
+        counters = summary["counters"]
+        assert counters["actor_failures"] + counters["redispatched"] >= 1
+        assert len(set(counters["consumed_indices"])) == len(counters["consumed_indices"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
