@@ -1,0 +1,199 @@
+"""Tiny random-weight configs of the two real architectures, for tests and CPU debugging.
+
+The models are the real transformers classes (``LlavaOnevisionForConditionalGeneration`` with SigLIP +
+Qwen2, ``Qwen2_5_VLForConditionalGeneration``) at a few hundred thousand parameters, with the shared
+word-level tokenizer and Qwen-style chat template (``cacovid_rl.models.tokenizer``).
+
+LLaVA-OV uses patch-local vision features (one SigLIP layer, ``vision_feature_layer=-2``, i.e. the
+patch embeddings): with the last layer's output a single attention layer spreads every object's
+colour over its whole frame, and token pruning stops mattering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
+from cacovid_rl.models.preprocessing import LlavaVideoPreprocessing, QwenVideoPreprocessing
+from cacovid_rl.models.qwen2_5_vl import Qwen2_5VLAdapter
+from cacovid_rl.models.tokenizer import build_word_tokenizer
+
+TINY_WORDS: tuple[str, ...] = (
+    "what", "which", "colour", "color", "is", "the", "of", "a", "in", "video", "object", "answer", "option",
+    "red", "green", "blue", "yellow", "grey", "striped", "dotted", "plain", "square", "circle", "triangle",
+    "please", "provide", "only", "single", "letter", "yes", "no", "how", "many", "there", "are",
+)  # fmt: skip
+QWEN_VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def tiny_tokenizer(family: str = "llava_onevision", words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer with the family's video placeholder in its chat template."""
+    placeholder = "<video>" if family == "llava_onevision" else QWEN_VIDEO_PLACEHOLDER
+    return build_word_tokenizer([*TINY_WORDS, *words], video_placeholder=placeholder)
+
+
+def _text_kwargs(tok: PreTrainedTokenizerFast, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+
+
+def _finish(model: Any, tok: PreTrainedTokenizerFast, init_std: float | None) -> Any:
+    if init_std is not None:  # a larger init gives decisive (tie-free) greedy logits in tests
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 and "norm" not in name:
+                    p.normal_(0.0, init_std)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model.eval()
+
+
+def tiny_llava_onevision_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int = 0,
+    image_size: int = 48,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    init_std: float | None = None,
+    attn_implementation: str = "sdpa",
+) -> LlavaOnevisionForConditionalGeneration:
+    """A random ``LlavaOnevisionForConditionalGeneration`` (SigLIP 1 layer, Qwen2 ``num_layers`` layers)."""
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = Qwen2Config(**_text_kwargs(tokenizer, hidden_size, num_layers))
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[image_size, image_size]],
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, init_std)
+
+
+def tiny_qwen2_5_vl_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int = 0,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    tokens_per_second: int = 2,
+    init_std: float | None = None,
+    attn_implementation: str = "sdpa",
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A random ``Qwen2_5_VLForConditionalGeneration`` (2 vision blocks with windowed + full attention)."""
+    head_dim = hidden_size // 4
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2, like [16, 24, 24]
+    vision = {
+        "depth": 2,
+        "hidden_size": vision_hidden,
+        "intermediate_size": 2 * vision_hidden,
+        "num_heads": 2,
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": tokens_per_second,
+        "window_size": patch_size * 2 * 2,
+        "out_hidden_size": hidden_size,
+        "fullatt_block_indexes": [1],
+    }
+    text = _text_kwargs(tokenizer, hidden_size, num_layers)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer, init_std)
+
+
+def tiny_llava_onevision(
+    seed: int = 0, *, words: Iterable[str] = (), adapter_kwargs: dict[str, Any] | None = None, **model_kwargs: Any
+) -> LlavaOnevisionAdapter:
+    """A tiny LLaVA-OV adapter: 48 px frames, 6 x 6 patches pooled to 3 x 3 = 9 tokens per frame."""
+    tok = tiny_tokenizer("llava_onevision", words)
+    model = tiny_llava_onevision_model(tok, seed=seed, **model_kwargs)
+    size = model.config.vision_config.image_size
+    prep = LlavaVideoPreprocessing(height=size, width=size)
+    return LlavaOnevisionAdapter(model, tok, prep, **(adapter_kwargs or {}))
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0,
+    *,
+    frame_size: int = 48,
+    words: Iterable[str] = (),
+    adapter_kwargs: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> Qwen2_5VLAdapter:
+    """A tiny Qwen2.5-VL adapter: ``frame_size`` px frames (48: 6 x 6 patches merged to 9 tokens per 2 frames)."""
+    tok = tiny_tokenizer("qwen2_5_vl", words)
+    model = tiny_qwen2_5_vl_model(tok, seed=seed, **model_kwargs)
+    vision = model.config.vision_config
+    pixels = frame_size * frame_size
+    prep = QwenVideoPreprocessing(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        min_pixels=pixels,
+        max_pixels=pixels,
+    )
+    return Qwen2_5VLAdapter(model, tok, prep, **(adapter_kwargs or {}))
+
+
+def save_adapter(adapter: LlavaOnevisionAdapter | Qwen2_5VLAdapter, directory: str | Path) -> Path:
+    """Write a ``save_pretrained`` checkpoint (model, tokenizer with chat template, video preprocessing)
+    that ``cacovid_rl.models.loading.load_adapter`` reads back."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(path)
+    adapter.tokenizer.save_pretrained(path)
+    adapter.preprocessing.save(path)
+    return path
