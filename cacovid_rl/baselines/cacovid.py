@@ -1,0 +1,25 @@
+"""CaCoVID at evaluation: the trained policy's scores through ``policy.selection.select_tokens``."""
+
+from __future__ import annotations
+
+import torch
+
+from cacovid_rl.baselines.base import SelectionContext
+from cacovid_rl.policy.selection import select_tokens
+
+
+class CacovidSelector:
+    """Frame-weighted importance quotas on the policy's token scores plus even coverage (method.md)."""
+
+    name = "cacovid"
+
+    def __init__(self, imp_ratio: float = 0.5) -> None:
+        self.imp_ratio = imp_ratio
+
+    def select(self, ctx: SelectionContext, retention: float) -> torch.LongTensor:
+        if ctx.scores is None:
+            raise ValueError("the cacovid selector needs policy scores: set SelectionContext.scores = policy(enc)")
+        t, n = ctx.enc.num_frames, ctx.enc.tokens_per_frame
+        if tuple(ctx.scores.token.shape) != (t, n):
+            raise ValueError(f"policy token scores {tuple(ctx.scores.token.shape)} do not match the video ({t}, {n})")
+        return select_tokens(ctx.scores, retention, self.imp_ratio).to(ctx.enc.inputs_embeds.device)
