@@ -36,6 +36,7 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
         max_fps=cfg.data.max_fps,
         max_new_tokens=cfg.model.max_new_tokens,
         seed=cfg.seed,
+        imp_ratio=cfg.eval.imp_ratio,
         progress=progress,
     )
     result["version"] = version

@@ -31,6 +31,7 @@ def evaluate(
     max_fps: float = 1.0,
     max_new_tokens: int = 16,
     seed: int = 0,
+    imp_ratio: float = 0.5,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Mean reward (accuracy for multiple choice) of each method at each retention, plus full tokens."""
@@ -60,7 +61,7 @@ def evaluate(
             ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen)
             full += compute_reward(adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type)
             for m in methods:
-                selector = get_selector(m)
+                selector = get_selector(m, imp_ratio=imp_ratio) if m == "cacovid" else get_selector(m)
                 for r in retentions:
                     keep = selector.select(ctx, r).to(enc.inputs_embeds.device)
                     answer = adapter.generate(enc, keep[None], max_new_tokens)[0]
