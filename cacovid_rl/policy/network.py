@@ -1,0 +1,300 @@
+"""The CaCoVID policy network (method.md, "Policy network").
+
+One decoder layer of the LLM's own architecture (a copy of its layer 0, or re-initialised), its own
+rotary embedding, an RMSNorm and two scoring heads (MLPs ``d -> d/2 -> d/4 -> d/8 -> d/16 -> 2`` with
+SiLU): the token head on every video token, the frame head on each frame's mean token. A score is
+``logit[1] - logit[0]``, the Bernoulli log-odds of keeping.
+
+Bidirectional by default: the layer's ``self_attn.is_causal`` is set to ``False`` and no mask is
+passed, so sdpa runs with ``is_causal=False`` and eager applies no mask (verified by a test in which a
+text token *after* the video changes the video-token scores). ``bidirectional=False`` builds the
+causal mask with transformers' own ``create_causal_mask`` (needed for eager, which has no implicit
+causality).
+
+Weights travel as one flat byte buffer (``flat_state``/``load_flat_state``) for the Ray broadcast and
+as ``save_pretrained`` directories (safetensors + ``policy_config.json``) that rebuild without the LLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import itertools
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+from cacovid_rl.config import PolicyConfig
+from cacovid_rl.types import EncodedQuestion, PolicyScores
+
+CONFIG_FILE = "policy_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "cacovid-policy/1"
+
+
+def score_head(hidden_size: int) -> nn.Sequential:
+    """MLP ``d -> d/2 -> d/4 -> d/8 -> d/16 -> 2`` with SiLU between layers."""
+    dims = [hidden_size, hidden_size // 2, hidden_size // 4, hidden_size // 8, hidden_size // 16]
+    if dims[-1] < 1:
+        raise ValueError(f"hidden_size {hidden_size} is too small for the d/16 scoring head")
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    layers.append(nn.Linear(dims[-1], 2))
+    return nn.Sequential(*layers)
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_transformers_class(name: str) -> type:
+    """Import a class by dotted name, only from transformers' own model code (never arbitrary modules)."""
+    if not name.startswith("transformers.models."):
+        raise ValueError(f"refusing to import '{name}': policy layers must come from transformers.models")
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _reinit_(module: nn.Module, std: float) -> None:
+    """The transformers init of a decoder layer: N(0, std) weights, zero biases, unit norms."""
+    for name, p in module.named_parameters():
+        with torch.no_grad():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+class CacovidPolicy(nn.Module):
+    """Scores every video token and frame of one question (see the module docstring)."""
+
+    def __init__(
+        self, layer: nn.Module, rotary: nn.Module, text_config: PretrainedConfig, *, bidirectional: bool = True
+    ) -> None:
+        super().__init__()
+        self.text_config = text_config
+        self.layer = layer
+        self.rotary = rotary
+        hidden = int(text_config.hidden_size)
+        self.norm = nn.RMSNorm(hidden, eps=float(getattr(text_config, "rms_norm_eps", 1e-6)))
+        self.token_head = score_head(hidden)
+        self.frame_head = score_head(hidden)
+        self.bidirectional = bidirectional
+        # sdpa / flash read is_causal from the module; eager reads only the mask built in forward().
+        self.layer.self_attn.is_causal = not bidirectional
+        dtype = next(layer.parameters()).dtype
+        self.norm.to(dtype)
+        self.token_head.to(dtype)
+        self.frame_head.to(dtype)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_blueprint(
+        cls, layer0: nn.Module, rotary: nn.Module, text_config: PretrainedConfig, cfg: PolicyConfig | None = None
+    ) -> CacovidPolicy:
+        """Copy the LLM's layer 0 (re-initialised unless ``cfg.init_from_layer0``) and rotary module."""
+        cfg = cfg or PolicyConfig()
+        layer = copy.deepcopy(layer0)
+        if not cfg.init_from_layer0:
+            _reinit_(layer, float(getattr(text_config, "initializer_range", 0.02)))
+        return cls(layer, copy.deepcopy(rotary), copy.deepcopy(text_config), bidirectional=cfg.bidirectional)
+
+    @classmethod
+    def from_adapter(cls, adapter: Any, cfg: PolicyConfig | None = None) -> CacovidPolicy:
+        """A policy for ``adapter``'s LLM, on its device: loaded from ``cfg.path`` if set, else from the blueprint."""
+        cfg = cfg or PolicyConfig()
+        if cfg.path:
+            policy = cls.from_pretrained(cfg.path, device=adapter.device)
+            if int(policy.text_config.hidden_size) != adapter.hidden_size:
+                raise ValueError(
+                    f"policy at {cfg.path} has hidden size {policy.text_config.hidden_size}, "
+                    f"the LLM {adapter.hidden_size}"
+                )
+            return policy
+        return cls.from_blueprint(*adapter.policy_blueprint(), cfg).to(adapter.device)
+
+    # ------------------------------------------------------------------ scoring
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.bidirectional:
+            return None
+        return create_causal_mask(
+            config=self.text_config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=None
+        )
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        video_start: int,
+        num_frames: int,
+        tokens_per_frame: int,
+    ) -> PolicyScores:
+        """Scores of the whole LLM input ``inputs_embeds`` (``[L, D]`` or ``[1, L, D]``).
+
+        ``position_ids``: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE), optionally with a batch axis of 1.
+        Returns float32 ``PolicyScores(token [T, N], frame [T])``.
+        """
+        x = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds[None]
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(f"inputs_embeds must be [L, D] or [1, L, D], got {tuple(inputs_embeds.shape)}")
+        x = x.to(self.dtype)
+        n_video = num_frames * tokens_per_frame
+        if video_start < 0 or video_start + n_video > x.shape[1]:
+            raise ValueError(f"video block [{video_start}, {video_start + n_video}) outside the sequence")
+        pos = position_ids.to(x.device)
+        if pos.shape[-1] != x.shape[1]:
+            raise ValueError(f"position_ids {tuple(pos.shape)} do not match sequence length {x.shape[1]}")
+        if pos.dim() == 1 or (pos.dim() == 2 and pos.shape[0] == 3):
+            pos = pos[None] if pos.dim() == 1 else pos[:, None]
+        h = self.layer(x, attention_mask=self._mask(x), position_embeddings=self.rotary(x, pos), position_ids=None)
+        h = self.norm(h[0] if isinstance(h, tuple) else h)
+        video = h[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
+        token = self.token_head(video).float()
+        frame = self.frame_head(video.mean(dim=1)).float()
+        return PolicyScores(token=token[..., 1] - token[..., 0], frame=frame[..., 1] - frame[..., 0])
+
+    def score(self, enc: EncodedQuestion) -> PolicyScores:
+        """Scores of an encoded question."""
+        return self(enc.inputs_embeds, enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, decoder_lr_scale: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decoder layer at ``lr * decoder_lr_scale``; no weight decay on biases and norms."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decoder = name.startswith("layer.")
+            no_decay = p.dim() < 2 or "norm" in name or name.endswith(".bias")
+            groups.setdefault((decoder, no_decay), []).append(p)
+        out = []
+        for (decoder, no_decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "params": params,
+                    "lr": lr * decoder_lr_scale if decoder else lr,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": f"{'decoder' if decoder else 'heads'}/{'no_decay' if no_decay else 'decay'}",
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model_type": self.text_config.model_type,
+            "text_config": self.text_config.to_dict(),
+            "decoder_layer_class": _qualname(self.layer),
+            "rotary_class": _qualname(self.rotary),
+            "bidirectional": self.bidirectional,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attn_implementation": self.text_config._attn_implementation,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``policy_config.json`` (enough to rebuild without the LLM)."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (path / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, attn_implementation: str | None = None
+    ) -> CacovidPolicy:
+        """Rebuild a saved policy from its config and weights alone (no LLM needed)."""
+        path = Path(directory)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no saved policy at '{path}' (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"'{path / CONFIG_FILE}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+        model_type = meta["model_type"]
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"policy text config model_type '{model_type}' is unknown to this transformers")
+        text_config = CONFIG_MAPPING[model_type].from_dict(meta["text_config"])
+        saved_attn = meta.get("attn_implementation")
+        text_config._attn_implementation = attn_implementation or (saved_attn if saved_attn == "eager" else "sdpa")
+        layer = _import_transformers_class(meta["decoder_layer_class"])(text_config, layer_idx=0)
+        rotary = _import_transformers_class(meta["rotary_class"])(config=text_config)
+        dtype = getattr(torch, meta.get("dtype", "float32"))
+        layer.to(dtype)
+        policy = cls(layer, rotary, text_config, bidirectional=bool(meta["bidirectional"]))
+        policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        return policy.to(device) if device is not None else policy
+
+    def flat_state(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """All parameters (and persistent buffers) as ONE contiguous ``uint8`` numpy buffer + layout.
+
+        The layout lists ``name``, ``shape``, ``dtype`` and byte ``offset``/``nbytes`` per tensor, so any
+        dtype (bf16 included, which numpy lacks) round-trips byte-exactly.
+        """
+        state = self.state_dict()
+        entries, offset = [], 0
+        for name, t in state.items():
+            n = t.numel() * t.element_size()
+            entries.append(
+                {
+                    "name": name,
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "offset": offset,
+                    "nbytes": n,
+                }
+            )
+            offset += n
+        buf = np.empty(offset, dtype=np.uint8)
+        for e, t in zip(entries, state.values(), strict=True):
+            raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            buf[e["offset"] : e["offset"] + e["nbytes"]] = raw
+        return buf, {"format": FORMAT, "nbytes": offset, "entries": entries}
+
+    @torch.no_grad()
+    def load_flat_state(self, buf: np.ndarray, meta: dict[str, Any]) -> None:
+        """Copy a ``flat_state`` buffer (possibly read-only, e.g. zero-copy from Ray) into this policy."""
+        state = self.state_dict()
+        names = [e["name"] for e in meta["entries"]]
+        if names != list(state):
+            missing, extra = sorted(set(state) - set(names)), sorted(set(names) - set(state))
+            raise ValueError(f"flat state does not match this policy: missing {missing[:5]}, unexpected {extra[:5]}")
+        if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size != meta["nbytes"]:
+            raise ValueError(f"flat buffer must be 1-D uint8 of {meta['nbytes']} bytes, got {buf.dtype} {buf.shape}")
+        with warnings.catch_warnings():  # read-only buffers: the bytes are copied out immediately
+            warnings.simplefilter("ignore", UserWarning)
+            for e in meta["entries"]:
+                target = state[e["name"]]
+                dtype = getattr(torch, e["dtype"])
+                if dtype != target.dtype or list(target.shape) != e["shape"]:
+                    raise ValueError(
+                        f"flat state entry {e['name']}: {e['dtype']} {e['shape']} != "
+                        f"{target.dtype} {list(target.shape)}"
+                    )
+                raw = torch.from_numpy(buf[e["offset"] : e["offset"] + e["nbytes"]])
+                target.copy_(raw.view(dtype).view(target.shape))
+
+
+def flat_checksum(buf: np.ndarray) -> str:
+    """BLAKE2b-128 of the buffer's bytes (hex): detects any changed byte, about 1 GB/s on one core."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(buf)).cast("B"), digest_size=16).hexdigest()

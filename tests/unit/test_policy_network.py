@@ -1,0 +1,164 @@
+"""CacovidPolicy: layer-0 init, bidirectional attention, heads, optimiser groups, persistence, flat state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cacovid_rl.config import PolicyConfig
+from cacovid_rl.models.tiny import tiny_llava_onevision, tiny_qwen2_5_vl
+from cacovid_rl.policy.network import CacovidPolicy, flat_checksum, score_head
+
+FAMILIES = ["llava_onevision", "qwen2_5_vl"]
+
+
+def build(family: str, **kwargs):
+    return tiny_llava_onevision(**kwargs) if family == "llava_onevision" else tiny_qwen2_5_vl(**kwargs)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapter(request):
+    return build(request.param, seed=0)
+
+
+@pytest.fixture(scope="module")
+def enc(adapter):
+    frames = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    return adapter.encode(frames, "what colour is the striped object ?")
+
+
+def test_init_equals_layer0_and_is_a_copy(adapter):
+    torch.manual_seed(0)
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig())
+    layer0 = adapter.language_model.layers[0].state_dict()
+    for name, value in policy.layer.state_dict().items():
+        torch.testing.assert_close(value, layer0[name], rtol=0, atol=0)
+        assert value.data_ptr() != layer0[name].data_ptr()
+    assert all(p.requires_grad for p in policy.parameters())
+    assert not any(p.requires_grad for p in adapter.model.parameters())  # the LLM stays frozen
+    fresh = CacovidPolicy.from_adapter(adapter, PolicyConfig(init_from_layer0=False))
+    q = "self_attn.q_proj.weight"
+    assert not torch.equal(fresh.layer.state_dict()[q], layer0[q])
+    assert torch.equal(fresh.layer.state_dict()["input_layernorm.weight"], torch.ones(adapter.hidden_size))
+
+
+def test_head_shapes_and_scores(adapter, enc):
+    head = score_head(64)
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [32, 16, 8, 4, 2]
+    policy = CacovidPolicy.from_adapter(adapter)
+    scores = policy.score(enc)
+    assert scores.token.shape == (enc.num_frames, enc.tokens_per_frame) and scores.frame.shape == (enc.num_frames,)
+    assert scores.token.dtype == scores.frame.dtype == torch.float32
+    batched = policy(enc.inputs_embeds[None], enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame)
+    torch.testing.assert_close(batched.token, scores.token)
+    # score = logit[1] - logit[0] of the token head on the normalised video tokens
+    scores.token.sum().backward()
+    assert policy.token_head[0].weight.grad is not None and policy.layer.self_attn.q_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="outside the sequence"):
+        policy(enc.inputs_embeds, enc.position_ids, enc.seq_len - 2, enc.num_frames, enc.tokens_per_frame)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bidirectional_sees_later_text_and_causal_does_not(family, attn):
+    adapter = build(family, seed=1, attn_implementation=attn)
+    frames = np.random.default_rng(2).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    enc = adapter.encode(frames, "what colour is the striped object ?")
+    changed = enc.inputs_embeds.clone()
+    later = enc.video_start + enc.num_video_tokens + 4  # a question token after the video block
+    changed[later] += 1.0
+    for bidirectional in (True, False):
+        torch.manual_seed(0)
+        policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(bidirectional=bidirectional))
+        assert policy.layer.self_attn.is_causal is (not bidirectional)
+        a = policy.score(enc)
+        b = policy(changed, enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame)
+        if bidirectional:
+            assert (a.token - b.token).abs().max() > 1e-6
+            assert (a.frame - b.frame).abs().max() > 1e-6
+        else:
+            torch.testing.assert_close(a.token, b.token, rtol=0, atol=0)
+            torch.testing.assert_close(a.frame, b.frame, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_sdpa_and_eager_policies_agree(bidirectional, enc, adapter, tmp_path):
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(bidirectional=bidirectional))
+    policy.save_pretrained(tmp_path)
+    eager = CacovidPolicy.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.text_config._attn_implementation == "eager"
+    a, b = policy.score(enc), eager.score(enc)
+    torch.testing.assert_close(a.token, b.token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.frame, b.frame, rtol=1e-5, atol=1e-5)
+
+
+def test_param_groups(adapter):
+    policy = CacovidPolicy.from_adapter(adapter)
+    groups = policy.param_groups(1e-3, 0.1, 0.01)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"decoder/decay", "decoder/no_decay", "heads/decay", "heads/no_decay"}
+    assert by_name["decoder/decay"]["lr"] == pytest.approx(1e-4) and by_name["heads/decay"]["lr"] == 1e-3
+    assert by_name["heads/no_decay"]["weight_decay"] == 0.0 and by_name["heads/decay"]["weight_decay"] == 0.01
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(policy.parameters()))
+    no_decay = {id(p) for p in by_name["decoder/no_decay"]["params"] + by_name["heads/no_decay"]["params"]}
+    for name, p in policy.named_parameters():
+        assert (id(p) in no_decay) == (name.endswith("bias") or "norm" in name)
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    policy.token_head[0].weight.sum().backward()
+    opt.step()
+
+
+def test_save_load_round_trip_without_the_llm(adapter, enc, tmp_path):
+    torch.manual_seed(3)
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(bidirectional=False))
+    policy.save_pretrained(tmp_path / "p")
+    loaded = CacovidPolicy.from_pretrained(tmp_path / "p")
+    assert type(loaded.layer) is type(policy.layer) and loaded.bidirectional is False
+    assert loaded.text_config.to_dict() == policy.text_config.to_dict()
+    a, b = policy.score(enc), loaded.score(enc)
+    torch.testing.assert_close(a.token, b.token, rtol=0, atol=0)
+    torch.testing.assert_close(a.frame, b.frame, rtol=0, atol=0)
+    via_cfg = CacovidPolicy.from_adapter(adapter, PolicyConfig(path=str(tmp_path / "p")))
+    torch.testing.assert_close(via_cfg.score(enc).token, a.token, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no saved policy"):
+        CacovidPolicy.from_pretrained(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_state_round_trip(adapter, enc, dtype):
+    torch.manual_seed(4)
+    src = CacovidPolicy.from_adapter(adapter).to(dtype)
+    torch.manual_seed(5)
+    dst = CacovidPolicy.from_adapter(adapter, PolicyConfig(init_from_layer0=False)).to(dtype)
+    buf, meta = src.flat_state()
+    assert buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous
+    total = sum(p.numel() * p.element_size() for p in src.state_dict().values())
+    assert buf.nbytes == meta["nbytes"] == total
+    ro = buf.copy()
+    ro.flags.writeable = False  # as read zero-copy from the Ray object store
+    with np.testing.suppress_warnings() as sup:
+        sup.record(UserWarning)
+        dst.load_flat_state(ro, meta)
+        assert not sup.log
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(src.score(enc).token, dst.score(enc).token, rtol=0, atol=0)
+    assert flat_checksum(buf) == flat_checksum(dst.flat_state()[0])
+    flipped = buf.copy()
+    flipped[len(flipped) // 2] ^= 1
+    assert flat_checksum(flipped) != flat_checksum(buf)
+
+
+def test_flat_state_rejects_mismatches(adapter):
+    policy = CacovidPolicy.from_adapter(adapter)
+    buf, meta = policy.flat_state()
+    with pytest.raises(ValueError, match="bytes"):
+        policy.load_flat_state(buf[:-1], meta)
+    bad = {**meta, "entries": meta["entries"][1:]}
+    with pytest.raises(ValueError, match="does not match this policy"):
+        policy.load_flat_state(buf, bad)
+    other = CacovidPolicy.from_adapter(adapter).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        other.load_flat_state(buf, meta)
