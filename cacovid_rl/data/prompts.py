@@ -1,0 +1,52 @@
+"""Question prompts: the question plus a bare-answer instruction per problem type.
+
+The method answers each combination almost greedily with a short budget, so the prompt asks for the
+bare answer (no reasoning, no ``<answer>`` tags). ``chat_text`` is the single place where a prompt
+becomes the chat-template string: the model adapters and the tiny-VLM training both call it, so the
+token sequences a model was trained on and the ones it is scored on are identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+
+# Bare-answer instructions, adapted from Video-R1's per-type answer templates.
+INSTRUCTIONS: dict[str, str] = {
+    "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.).",
+    "numerical": "Please provide the numerical value (e.g., 42 or 3.14).",
+    "OCR": "Please transcribe text from the image/video clearly and provide your text answer.",
+    "free-form": "Please provide your text answer.",
+    "regression": "Please provide the numerical value (e.g., 42 or 3.14).",
+}
+
+
+def build_prompt(problem: str, problem_type: str) -> str:
+    """The question followed by the bare-answer instruction of its type."""
+    try:
+        instruction = INSTRUCTIONS[problem_type]
+    except KeyError:
+        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {list(PROBLEM_TYPES)}") from None
+    return f"{problem.rstrip()}\n{instruction}"
+
+
+def chat_messages(prompt: str, video: bool = True) -> list[dict[str, Any]]:
+    """One user turn: a video item (unless ``video=False``, the blind test) followed by the prompt text."""
+    content: list[dict[str, Any]] = [{"type": "video"}] if video else []
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def chat_text(processor_or_tokenizer: Any, prompt: str, video: bool = True) -> str:
+    """The chat-template string for ``prompt`` with one video item first, ending in the generation prompt.
+
+    Works with a processor or a tokenizer (both expose ``apply_chat_template``). The string holds a
+    single video placeholder; the processor expands it to one token per video feature.
+    """
+    text = processor_or_tokenizer.apply_chat_template(
+        chat_messages(prompt, video=video), tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(text, str):  # some processors return a one-element list for a single conversation
+        text = text[0]
+    return text
