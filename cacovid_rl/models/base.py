@@ -27,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
+from cacovid_rl.data.prompts import chat_messages
 from cacovid_rl.types import EncodedQuestion
 
 GIB = 1024**3
@@ -125,17 +126,18 @@ class VideoLLMAdapter(ABC):
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, prompt: str, with_video: bool) -> str:
         """The chat-template text of one user turn (a video item, then ``prompt``) plus the generation prompt."""
-        content: list[dict[str, str]] = [{"type": "video"}] if with_video else []
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "user", "content": content}]
+        messages = chat_messages(prompt, video=with_video)  # the same turn the tiny VLM was trained on
         if self._processor is not None and getattr(self._processor, "chat_template", None):
-            return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, chat_template=self._chat_template
-        )
+            text = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, chat_template=self._chat_template
+            )
+        return text if isinstance(text, str) else text[0]
 
     def tokenize(self, text: str) -> torch.Tensor:
-        return torch.tensor(self._tokenizer(text)["input_ids"], dtype=torch.long)
+        """Token ids of chat-template text (which already holds every special token: none are added)."""
+        return torch.tensor(self._tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     @staticmethod
     def expand_placeholder(ids: torch.Tensor, token_id: int, count: int) -> tuple[torch.Tensor, int]:
