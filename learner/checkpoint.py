@@ -4,7 +4,7 @@ Layout of ``<dir>/step_00000120/``::
 
     policy/                 CacovidPolicy.save_pretrained (safetensors + JSON config)
     optimizer.safetensors   optimizer state tensors + torch RNG state
-    state.msgpack           optimizer param groups/scalars, scheduler state, driver state
+    state.msgpack           optimizer state skeleton (scalars, groups), scheduler state, driver state
                             (data cursor, weight version, counters, metrics step)
     recent_weights.safetensors  flat weights of the last ``max_staleness`` versions, so that a
                             resumed run re-dispatches in-flight batches with the exact versions
@@ -30,26 +30,33 @@ from cacovid_rl.wire import read_file, write_file
 LATEST = "LATEST"
 
 
-def _split_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_tensors(obj: Any, prefix: str = "t") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested dict/list structure into a msgpack-able skeleton and a flat dict of tensors."""
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, st in opt_state["state"].items():
-        for name, val in st.items():
-            key = f"state/{pid}/{name}"
-            if torch.is_tensor(val):
-                tensors[key] = val.detach().cpu().contiguous()
-            else:
-                scalars[key] = val
-    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+    def walk(o: Any, path: str) -> Any:
+        if torch.is_tensor(o):
+            tensors[path] = o.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(o, dict):
+            return {"__dict__": [[k, walk(v, f"{path}/{k}")] for k, v in o.items()]}
+        if isinstance(o, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot checkpoint a {type(o).__name__} at '{path}' without pickle")
+
+    return walk(obj, prefix), tensors
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    items = [(k, v) for k, v in tensors.items() if k.startswith("state/")] + list(meta["scalars"].items())
-    for key, val in items:
-        _, pid, name = key.split("/", 2)
-        state.setdefault(int(pid), {})[name] = val
-    return {"state": state, "param_groups": meta["param_groups"]}
+def unflatten_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        return {k: unflatten_tensors(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [unflatten_tensors(v, tensors) for v in skeleton]
+    return skeleton
 
 
 def _scheduler_state(scheduler) -> dict[str, Any]:
@@ -61,7 +68,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     policy,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler,
     driver_state: dict[str, Any],
     recent_weights: dict[int, np.ndarray] | None = None,
@@ -76,7 +83,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     policy.save_pretrained(tmp / "policy")
-    tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    opt_meta, tensors = flatten_tensors(optimizer_state, "optimizer")
     tensors["rng/torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     if recent_weights:
@@ -108,8 +115,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """Restore policy/optimizer/scheduler/RNG in place; returns (driver_state, recent_weights)."""
+def load_checkpoint(
+    path: str | Path, policy, scheduler
+) -> tuple[dict[str, Any], dict[str, Any], dict[int, np.ndarray]]:
+    """Restore policy/scheduler/RNG in place; returns (driver_state, optimizer_state, recent_weights)."""
     path = Path(path)
     from cacovid_rl.policy.network import CacovidPolicy
 
@@ -118,7 +127,7 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> tuple[dic
     state = read_file(path / "state.msgpack")
     tensors = load_file(str(path / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng/torch"))
-    optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    optimizer_state = unflatten_tensors(state["optimizer"], tensors)
     sched = scheduler.state_dict()
     sched.update(state["scheduler"])
     scheduler.load_state_dict(sched)
@@ -126,4 +135,4 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> tuple[dic
     rw = path / "recent_weights.safetensors"
     if rw.is_file():
         recent = {int(k[1:]): v for k, v in load_np(str(rw)).items()}
-    return state["driver"], recent
+    return state["driver"], optimizer_state, recent

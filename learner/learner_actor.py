@@ -15,14 +15,24 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from cacovid_rl.models.loading import load_adapter
 
 from cacovid_rl.config import Config, from_dict
+from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import PolicyUpdater
 from cacovid_rl.rl.worker import build_policy
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.weights import WeightHandle
+
+
+def make_updater(policy, cfg: Config) -> PolicyUpdater:
+    """The one place the optimizer backend is chosen (``learner.backend``)."""
+    args = (policy, cfg.learner, cfg.loss, cfg.rollout.iterations, cfg.learner.device)
+    if cfg.learner.backend == "deepspeed":
+        from learner.deepspeed_backend import DeepSpeedPolicyUpdater
+
+        return DeepSpeedPolicyUpdater(*args)
+    return PolicyUpdater(*args)
 
 
 class Learner:
@@ -35,14 +45,15 @@ class Learner:
         adapter = load_adapter(replace(cfg.model, device=cfg.learner.device))
         policy = build_policy(cfg, adapter)
         del adapter
-        self.updater = PolicyUpdater(policy, cfg.learner, cfg.loss, cfg.rollout.iterations, cfg.learner.device)
+        self.updater = make_updater(policy, cfg)
         self.version = 0
         self.driver_state: dict[str, Any] = {}
         self.recent: dict[int, np.ndarray] = {}
         if resume_from:
-            self.driver_state, self.recent = load_checkpoint(
-                resume_from, self.updater.policy, self.updater.optimizer, self.updater.scheduler
+            self.driver_state, opt_state, self.recent = load_checkpoint(
+                resume_from, self.updater.policy, self.updater.scheduler
             )
+            self.updater.load_optimizer_state(opt_state)
             self.version = int(self.driver_state["version"])
             self.updater.optimizer_steps = int(self.driver_state.get("optimizer_steps", 0))
         self._remember(self.version)
@@ -106,7 +117,7 @@ class Learner:
             root,
             self.version,
             self.updater.policy,
-            self.updater.optimizer,
+            self.updater.optimizer_state(),
             self.updater.scheduler,
             state,
             recent_weights={v: w for v, w in self.recent.items() if v < self.version},

@@ -85,6 +85,21 @@ class PolicyUpdater:
                 metrics[k] = metrics.get(k, 0.0) + v / len(trajs)
         return total, metrics
 
+    def optimizer_state(self) -> dict:
+        """Optimizer state as nested dicts/lists of tensors and scalars (checkpointed without pickle)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def _step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, optimizer and schedule step; the DeepSpeed learner overrides only this."""
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)
+
     def update(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
         """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics."""
         if not trajs:
@@ -100,10 +115,7 @@ class PolicyUpdater:
                     f"non-finite loss at optimizer step {self.optimizer_steps} "
                     f"(samples {[t.sample_id for t in trajs]}); lower learner.lr or check the inputs"
                 )
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            grad_norm = self._step(loss)
             self.optimizer_steps += 1
             metrics.update({"loss/total": float(loss.detach()), "policy/grad_norm": float(grad_norm)})
             for k, v in metrics.items():

@@ -1,0 +1,112 @@
+"""DeepSpeed ZeRO (stages 0-2) for the learner, behind ``learner.backend: deepspeed``.
+
+The learner is one process that owns the whole policy (about 259M parameters at 7B width), so
+ZeRO's value here is its fused, partition-aware optimizer and mixed-precision master weights, not
+sharding across learners; stage 3 (parameter partitioning) needs several learner ranks and is
+rejected with a clear error.
+
+Checkpoints stay pickle-free: the policy goes to safetensors as with the torch backend, and the
+ZeRO optimizer is saved as its two real pieces of state, the base AdamW state and the fp32 master
+partitions, which are restored in place (see :meth:`DeepSpeedPolicyUpdater.optimizer_state`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+from cacovid_rl.config import LearnerConfig, LossConfig
+from cacovid_rl.rl.update import PolicyUpdater, lr_lambda
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def ds_config(cfg: LearnerConfig, device: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": device.startswith("cuda")},
+        # torch_adam: the reference AdamW, no compiled DeepSpeed CPU-Adam op needed.
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+
+
+class DeepSpeedPolicyUpdater(PolicyUpdater):
+    def __init__(
+        self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
+    ) -> None:
+        if learner.zero_stage > 2:
+            raise ValueError(
+                f"learner.zero_stage={learner.zero_stage}: the single learner process holds the whole policy; "
+                "use ZeRO stage 0, 1 or 2 (stage 3 shards parameters across several learner ranks)"
+            )
+        _single_process_env()
+        import deepspeed
+        import deepspeed.ops
+
+        # One learner process never communicates: skip DeepSpeed's shared-memory allreduce op, whose
+        # JIT build costs about a minute on CPU and is unused at world size 1.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+        policy = policy.to(device)
+        groups = policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay)
+        schedule = lr_lambda(learner, learner.total_steps * iterations)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=policy,
+            model_parameters=groups,
+            config=ds_config(learner, device),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.engine = engine
+        self.policy = engine.module
+        self.cfg = learner
+        self.loss_cfg = loss
+        self.iterations = iterations
+        self.device = device
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.optimizer_steps = 0
+
+    def _step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()  # clips to gradient_clipping, steps the optimizer and the LR schedule
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def optimizer_state(self) -> dict:
+        opt = self.optimizer
+        partitions = getattr(opt, "single_partition_of_fp32_groups", None)
+        if partitions is None:  # ZeRO stage 0: a plain torch optimizer
+            return {"base": opt.state_dict()}
+        return {"base": opt.optimizer.state_dict(), "fp32_partitions": list(partitions)}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        opt = self.optimizer
+        partitions = getattr(opt, "single_partition_of_fp32_groups", None)
+        if partitions is None:
+            opt.load_state_dict(state["base"])
+            return
+        with torch.no_grad():
+            for dst, src in zip(partitions, state["fp32_partitions"], strict=True):
+                dst.copy_(src)
+        opt.optimizer.load_state_dict(state["base"])
+        # Push the restored fp32 masters into the (possibly bf16) model weights.
+        for i in range(len(partitions)):
+            opt._update_model_bit16_weights(i)
