@@ -15,10 +15,9 @@ from cacovid_rl.config import Config, from_dict
 
 def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bool = False) -> dict[str, Any]:
     """In-process evaluation on ``cfg.data.eval_path`` (shared by the Ray task and the CLI)."""
-    from cacovid_rl.models.loading import load_adapter
-
     from cacovid_rl.data.records import load_records
     from cacovid_rl.eval.evaluate import evaluate
+    from cacovid_rl.models.loading import load_adapter
 
     adapter = adapter or load_adapter(cfg.model)
     records = load_records(cfg.data.eval_path, cfg.data.video_root).records
@@ -45,8 +44,8 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
 
 def _evaluation_task(cfg_dict: dict[str, Any], handle, version: int) -> dict[str, Any]:
     import torch
-    from cacovid_rl.models.loading import load_adapter
 
+    from cacovid_rl.models.loading import load_adapter
     from cacovid_rl.rl.worker import build_policy
 
     cfg = from_dict(cfg_dict)
