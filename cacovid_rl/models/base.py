@@ -206,8 +206,8 @@ class VideoLLMAdapter(ABC):
             raise KeepIndexError(f"keep must be an integer LongTensor [G, K], got {getattr(keep, 'dtype', keep)}")
         if keep.dim() == 1:
             keep = keep[None]
-        if keep.dim() != 2 or keep.shape[1] == 0:
-            raise KeepIndexError(f"keep must have shape [G, K] with K >= 1, got {tuple(keep.shape)}")
+        if keep.dim() != 2 or keep.shape[0] == 0 or keep.shape[1] == 0:
+            raise KeepIndexError(f"keep must have shape [G, K] with G, K >= 1, got {tuple(keep.shape)}")
         n = enc.num_video_tokens
         lo, hi = int(keep.min()), int(keep.max())
         if lo < 0 or hi >= n:

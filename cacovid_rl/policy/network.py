@@ -265,11 +265,11 @@ class CacovidPolicy(nn.Module):
                 }
             )
             offset += n
-        buf = np.empty(offset, dtype=np.uint8)
+        # A torch-allocated buffer, viewed as numpy: filling fresh numpy pages was 8x slower here (500 MB: 1.7 s).
+        flat = torch.empty(offset, dtype=torch.uint8)
         for e, t in zip(entries, state.values(), strict=True):
-            raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-            buf[e["offset"] : e["offset"] + e["nbytes"]] = raw
-        return buf, {"format": FORMAT, "nbytes": offset, "entries": entries}
+            flat[e["offset"] : e["offset"] + e["nbytes"]].copy_(t.detach().reshape(-1).view(torch.uint8))
+        return flat.numpy(), {"format": FORMAT, "nbytes": offset, "entries": entries}
 
     @torch.no_grad()
     def load_flat_state(self, buf: np.ndarray, meta: dict[str, Any]) -> None:

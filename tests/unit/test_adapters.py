@@ -230,6 +230,8 @@ def test_bad_inputs_raise_clear_errors(adapter, enc, frames):
         adapter.generate(enc, torch.tensor([[-1, 3]]), 2)
     with pytest.raises(KeepIndexError, match="duplicated"):
         adapter.generate(enc, torch.tensor([[2, 2]]), 2)
+    with pytest.raises(KeepIndexError, match="G, K >= 1"):
+        adapter.generate(enc, torch.zeros(0, 3, dtype=torch.long), 2)
     with pytest.raises(KeepIndexError, match="integer"):
         adapter.generate(enc, torch.tensor([[0.0, 1.0]]), 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
