@@ -660,3 +660,17 @@ def test_submit_fails_before_submitting(tmp_path: Path, args: list[str], message
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"learner\.totl_steps"):
         load_config(CONFIGS / PRODUCTION[0], ["learner.totl_steps=5"])
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/CLUSTER.md
+
+
+def test_cluster_doc_references_existing_files() -> None:
+    doc = (ROOT / "docs" / "CLUSTER.md").read_text()
+    referenced = set(re.findall(r"\b((?:cluster|configs)/[\w./-]+\.(?:yaml|sh))\b", doc)) | {"cluster/Dockerfile"}
+    missing = sorted(p for p in referenced if not (ROOT / p).is_file())
+    assert not missing, missing
+    for command in ("ray up", "ray dashboard", "cluster/submit.sh", "ray job logs", "ray job stop", "ray down"):
+        assert command in doc
+    assert "helm install kuberay-operator" in doc and "kubectl apply -f cluster/kuberay/pvc.yaml" in doc
