@@ -1,0 +1,95 @@
+"""Blind test: drops what the model answers without video, writes the rest, resumes after interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cacovid_rl.data.blind_test import progress_path, run_blind_test, summary_path
+from cacovid_rl.data.records import QARecord, load_records
+
+
+class FakeAdapter:
+    """Answers 'D' to the prior quadrant, '2' to counts, 'A' otherwise; can fail on a marker or after N calls."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_after = fail_after
+
+    def generate_text_only(self, prompt: str, max_new_tokens: int = 16) -> str:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt  # the run is killed mid-way
+        self.calls.append(prompt)
+        if "BROKEN" in prompt:
+            raise RuntimeError("tokenizer exploded")
+        if "bottom right" in prompt:
+            return "D"
+        return "2" if "How many" in prompt else "A"
+
+
+def _records(tmp_path: Path) -> list[QARecord]:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\x00")
+    mc = "\nOptions:\nA. red\nB. green\nC. blue\nD. yellow"
+    rows = [
+        ("What colour is the object in the bottom right ?" + mc, "D", "multiple choice"),  # prior: dropped
+        ("What colour is the object in the top left ?" + mc, "C", "multiple choice"),  # kept
+        ("What colour is the object in the top right ?" + mc, "A", "multiple choice"),  # lucky guess: dropped
+        ("How many red objects appear ?", "2", "numerical"),  # dropped
+        ("How many blue objects appear ?", "3", "numerical"),  # kept
+        ("What colour is the object in the bottom right ?" + mc, "D", "multiple choice"),  # dropped
+    ]
+    return [QARecord(f"s{i}", p, a, f"<answer>{a}</answer>", t, video) for i, (p, a, t) in enumerate(rows)]
+
+
+def test_drops_what_is_answered_without_video(tmp_path: Path) -> None:
+    recs = _records(tmp_path)
+    adapter = FakeAdapter()
+    out = tmp_path / "filtered.json"
+    s = run_blind_test(recs, adapter, out, progress=False)
+    assert (s.total, s.dropped, s.kept, s.errors, s.resumed) == (6, 4, 2, 0, 0)
+    assert s.per_type["multiple choice"].dropped == 3 and s.per_type["multiple choice"].kept == 1
+    assert s.per_type["numerical"].dropped == 1 and s.per_type["numerical"].kept == 1
+    assert all("Please provide" in p and "<video>" not in p for p in adapter.calls)
+    kept = load_records(out, tmp_path).records
+    assert [r.sample_id for r in kept] == ["s1", "s4"]
+    assert kept == [recs[1], recs[4]]
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["dropped"] == 4 and summary["per_type"]["numerical"] == {
+        "total": 2,
+        "dropped": 1,
+        "kept": 1,
+        "errors": 0,
+    }
+
+
+def test_resumes_after_interruption(tmp_path: Path) -> None:
+    recs = _records(tmp_path)
+    out = tmp_path / "filtered.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_blind_test(recs, FakeAdapter(fail_after=3), out, progress=False)
+    assert len(progress_path(out).read_text().splitlines()) == 3
+    with progress_path(out).open("a") as f:
+        f.write('{"key": "3:s3", "predic')  # a torn line from the kill is ignored
+    second = FakeAdapter()
+    s = run_blind_test(recs, second, out, progress=False)
+    assert len(second.calls) == 3  # only the unfinished records are asked again
+    assert (s.total, s.dropped, s.kept, s.resumed) == (6, 4, 2, 3)
+    assert [r.sample_id for r in load_records(out, tmp_path).records] == ["s1", "s4"]
+    third = FakeAdapter()
+    assert run_blind_test(recs, third, out, progress=False).resumed == 6 and third.calls == []
+
+
+def test_bad_record_is_skipped_counted_and_retried(tmp_path: Path) -> None:
+    recs = _records(tmp_path)
+    bad = QARecord("bad", "BROKEN question", "A", "A", "multiple choice", recs[0].video)
+    out = tmp_path / "filtered.json"
+    s = run_blind_test([*recs, bad], FakeAdapter(), out, progress=False)
+    assert s.errors == 1 and s.per_type["multiple choice"].errors == 1
+    assert s.kept + s.dropped == 6
+    assert "bad" not in [r.sample_id for r in load_records(out, tmp_path).records]
+    retry = FakeAdapter()
+    run_blind_test([*recs, bad], retry, out, progress=False)
+    assert len(retry.calls) == 1  # the errored record is not "finished": the rerun asks it again
