@@ -182,9 +182,22 @@ def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = No
                     status_ref, payload_ref = pool.submit(slot, item, handle)
                     inflight[status_ref] = (item, payload_ref)
                     counters.dispatched += 1
-            # 4. Collect whatever finished.
+                    log.debug(
+                        "dispatch q%d (batch %d, v%d) -> %s",
+                        item["index"],
+                        item["batch_index"],
+                        handle.version,
+                        slot.actor_id,
+                    )
+            # 4. Update on the oldest batch once it is complete (strictly in order).
+            if update_ref is None and len(results.get(version, {})) == qps:
+                entries = [results[version][g] for g in sorted(results[version])]
+                oks = [(s, p) for s, p in entries if s["status"] == "ok"]
+                update_ref = learner.update.remote([s for s, _ in oks], [p for _, p in oks])
+                log.debug("update on batch %d (%d questions)", version, len(oks))
+            # 5. Collect whatever finished.
             waitable = list(inflight) + [r for r in (update_ref, eval_ref) if r is not None]
-            if not waitable:
+            if not waitable:  # e.g. every actor is still starting
                 time.sleep(0.05)
                 continue
             ready, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
@@ -210,15 +223,12 @@ def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = No
                     counters.duplicates += 1  # a re-dispatched question whose first try also finished
                     continue
                 batch[item["index"]] = (status, payload_ref)
+                log.debug("done q%d by %s (%s)", item["index"], status["actor_id"], status["status"])
                 actor_stats[status["actor_id"]] = status
                 if status["status"] != "ok":
                     counters.skipped += 1
                     log.warning("skipped sample %s: %s", status["sample_id"], status.get("error", ""))
-            # 5. Update on the oldest batch once it is complete (strictly in order).
-            if update_ref is None and len(results.get(version, {})) == qps:
-                entries = [results[version][g] for g in sorted(results[version])]
-                oks = [(s, p) for s, p in entries if s["status"] == "ok"]
-                update_ref = learner.update.remote([s for s, _ in oks], [p for _, p in oks])
+            # 6. A finished update: new version, metrics, checkpoint, maybe an evaluation.
             if update_ref is not None and update_ref in ready:
                 res = ray.get(update_ref, timeout=cfg.cluster.call_timeout_s)
                 update_ref = None

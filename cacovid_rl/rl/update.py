@@ -39,7 +39,7 @@ def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int):
 def policy_scores_for(policy: torch.nn.Module, traj: Trajectory, device: torch.device | str) -> PolicyScores:
     """Recompute the policy's scores (with gradients) from a trajectory's shipped policy input."""
     dtype = next(policy.parameters()).dtype
-    emb = torch.from_numpy(np.asarray(traj.inputs_embeds)).to(device=device, dtype=dtype)
+    emb = torch.from_numpy(np.array(traj.inputs_embeds)).to(device=device, dtype=dtype)  # copy: wire arrays are read-only
     pos = torch.from_numpy(np.asarray(traj.position_ids, dtype=np.int64)).to(device)
     return policy(emb, pos, traj.video_start, traj.num_frames, traj.tokens_per_frame)
 

@@ -39,7 +39,8 @@ def test_new_weight_version_reaches_every_actor(local_ray, tmp_path: Path, synth
 
         flat, meta = build_policy(cfg, load_adapter(cfg.model)).flat_state()
         for version in (1, 2):
-            buf = flat + np.float32(version)  # a different weight set per version
+            buf = flat.copy()
+            buf[-1] ^= np.uint8(version)  # a different weight set per version
             handle = WeightHandle.publish(buf, meta, version)
             assert ray.get([s.handle.sync.remote(handle) for s in slots], timeout=60) == [version] * len(slots)
             assert [ray.get(s.handle.info.remote())["version"] for s in slots] == [version] * len(slots)
@@ -94,7 +95,8 @@ def test_bad_video_is_skipped_and_counted(local_ray, tmp_path: Path, synthetic_d
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
     records = json.loads((data / "train.json").read_text())
-    (data / records[0]["video"]).write_bytes(b"this is not an mp4")
+    for rec in records[::3]:  # the seeded order is fixed, so the first 6 questions include corrupt ones
+        (data / rec["video"]).write_bytes(b"this is not an mp4")
     cfg = make_cfg(tmp_path / "run", data, "learner.total_steps=3")
     summary = train(cfg)
     assert summary["counters"]["skipped"] >= 1
@@ -107,7 +109,11 @@ def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_di
 
     from learner.driver import train
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
+    # The learner lives on the head (its own resource, as on a real cluster); reward actors on workers.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"learner": 1}, "object_store_memory": 150 * 1024**2},
+    )
     nodes = [
         cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2) for _ in range(2)
     ]
@@ -121,6 +127,7 @@ def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_di
             "cluster.min_actors=1",
             "cluster.max_actors=2",
             "cluster.actor_num_cpus=0",
+            "learner.placement_resource=learner",
         )
         out: dict = {}
         thread = threading.Thread(target=lambda: out.update(summary=train(cfg)), daemon=True)
