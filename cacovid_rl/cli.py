@@ -111,7 +111,7 @@ def cmd_blind_test(args: argparse.Namespace) -> int:
     report = load_records(args.data, args.video_root or str(Path(args.data).parent), check_videos=False)
     for err in report.errors[:20]:
         print(f"warning: {err}", file=sys.stderr)
-    adapter = load_adapter(ModelConfig(path=args.model, device=args.device))
+    adapter = load_adapter(ModelConfig(path=args.model, device=args.device, dtype=args.dtype))
     summary = run_blind_test(report.records, adapter, args.out)
     print(json.dumps(summary.__dict__ if hasattr(summary, "__dict__") else summary, indent=2, default=str))
     return 0
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="video LLM checkpoint path, or 'tiny'")
     p.add_argument("--out", required=True, help="filtered JSON output (resumable)")
     p.add_argument("--video-root", default="", help="video root (default: the data file's folder)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="bfloat16 on GPUs")
     p.set_defaults(func=cmd_blind_test)
 
     p = sub.add_parser("make-synthetic", help="generate the synthetic needle video-QA dataset")

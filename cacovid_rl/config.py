@@ -148,7 +148,7 @@ class LearnerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
     total_steps: int = 1000
-    """Policy updates (questions-per-step batches) before the run stops."""
+    """Policy updates (questions-per-step batches) before the run stops; 0 = one epoch of the training data."""
     questions_per_step: int = 1
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = 2
@@ -165,7 +165,7 @@ class LearnerConfig:
 
     def validate(self) -> None:
         _check(self.lr > 0, "learner.lr", "must be > 0")
-        _check(self.total_steps >= 1, "learner.total_steps", "must be >= 1")
+        _check(self.total_steps >= 0, "learner.total_steps", "must be >= 0 (0 = one epoch)")
         _check(self.questions_per_step >= 1, "learner.questions_per_step", "must be >= 1")
         _check(self.grad_clip > 0, "learner.grad_clip", "must be > 0")
         _check(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
@@ -192,12 +192,15 @@ class ClusterConfig:
     max_restarts: int = 3
     call_timeout_s: float = 600.0
     """A reward call taking longer than this counts as a hung actor: the actor is killed, work re-dispatched."""
+    startup_timeout_s: float = 600.0
+    """How long the driver waits for the learner and the first reward actor (cold GPU nodes take minutes)."""
     inflight_per_actor: int = 2
     pool_resize_every_s: float = 10.0
 
     def validate(self) -> None:
         _check(1 <= self.min_actors <= self.max_actors, "cluster.min_actors/max_actors", "need 1 <= min <= max")
         _check(self.call_timeout_s > 0, "cluster.call_timeout_s", "must be > 0")
+        _check(self.startup_timeout_s > 0, "cluster.startup_timeout_s", "must be > 0")
         _check(self.inflight_per_actor >= 1, "cluster.inflight_per_actor", "must be >= 1")
         _check(self.torch_threads >= 1, "cluster.torch_threads", "must be >= 1")
 

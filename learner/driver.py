@@ -126,6 +126,8 @@ def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = No
     for err in report.errors[:20]:
         log.warning("training data: %s", err)
     cursor = DataCursor(report.records, cfg.seed)
+    if cfg.learner.total_steps == 0:  # one epoch; resolved before anyone builds an LR schedule from it
+        cfg = cfg.replace(**{"learner.total_steps": -(-len(report.records) // cfg.learner.questions_per_step)})
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint under %s, starting fresh", ckpt_root)
@@ -134,14 +136,14 @@ def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = No
     stop = _Stop()
     stop.install()
     learner = ray.remote(Learner).options(**_learner_options(cfg)).remote(cfg.to_dict(), str(resume_from or "") or None)
-    state = ray.get(learner.resume_state.remote(), timeout=cfg.cluster.call_timeout_s)
+    state = ray.get(learner.resume_state.remote(), timeout=cfg.cluster.startup_timeout_s)
     weights: dict[int, WeightHandle] = ray.get(learner.publish_recent.remote(), timeout=cfg.cluster.call_timeout_s)
     version = int(state.get("version", 0))
     counters = Counters(**state.get("counters", {}))
     metrics = MetricsLogger(cfg, out_dir, resume_step=version)
     pool = ActorPool(cfg)
     pool.resize(force=True)
-    pool.wait_ready(1, timeout=cfg.cluster.call_timeout_s)
+    pool.wait_ready(1, timeout=cfg.cluster.startup_timeout_s)
 
     qps, lag = cfg.learner.questions_per_step, cfg.learner.max_staleness
     total = cfg.learner.total_steps

@@ -26,14 +26,19 @@ class MetricsLogger:
             try:
                 import wandb
 
+                # A resumed run continues the same wandb run: its id lives beside the metrics.
+                id_file = Path(out_dir) / "wandb_run_id"
+                run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+                id_file.write_text(run_id + "\n")
                 self._wandb = wandb.init(
+                    id=run_id,
                     project=cfg.wandb.project,
                     entity=cfg.wandb.entity or None,
                     name=cfg.wandb.run_name or None,
                     mode=cfg.wandb.mode,
                     dir=str(Path(out_dir)),
                     config=cfg.to_dict(),
-                    resume="allow" if resume_step else None,
+                    resume="allow",
                 )
             except Exception as exc:  # any wandb failure: keep training, say so once
                 log.warning("wandb disabled for this run: %s", exc)
