@@ -1,0 +1,138 @@
+"""The shipped tiny video LLM: loads offline, answers from the right tokens, and its training is reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cacovid_rl.config import ModelConfig
+from cacovid_rl.data import synthetic as S
+from cacovid_rl.data.blind_test import run_blind_test
+from cacovid_rl.data.prompts import build_prompt
+from cacovid_rl.data.records import load_records
+from cacovid_rl.data.video import read_frames
+from cacovid_rl.models import tiny_vlm as T
+
+ASSET = T.ASSET_DIR
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh synthetic dataset under a seed the shipped model was never trained on."""
+    out = tmp_path_factory.mktemp("unseen")
+    S.make_synthetic(out, n=240, seed=2024, fractions=(0.0, 0.0, 1.0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return T.load_tiny_vlm(ASSET)
+
+
+@pytest.fixture(scope="module")
+def encoded(shipped, unseen: Path) -> T.EncodedSet:
+    return T.encode_split(shipped[1], unseen / "test.json")
+
+
+def test_shipped_layout_is_standard_and_small() -> None:
+    names = {p.name for p in ASSET.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"chat_template.jinja", "processor_config.json", "training_report.json"} <= names
+    assert sum(p.stat().st_size for p in ASSET.iterdir()) < 10 * 2**20
+    cfg = json.loads((ASSET / "config.json").read_text())
+    assert cfg["model_type"] == "llava_onevision"
+    assert cfg["vision_feature_layer"] == -2 and cfg["vision_feature_select_strategy"] == "full"
+    assert cfg["vision_config"]["num_hidden_layers"] == 1
+    proc = json.loads((ASSET / "processor_config.json").read_text())
+    assert proc["processor_class"] == "LlavaOnevisionProcessor"
+    assert proc["video_processor"]["size"] == {"height": S.FRAME_SIZE, "width": S.FRAME_SIZE}
+
+
+def test_accuracy_needs_the_right_tokens(shipped, encoded: T.EncodedSet) -> None:
+    model, processor = shipped
+    full = T.evaluate(model, processor, encoded, "full")
+    rand = T.evaluate(model, processor, encoded, "random", retention=0.1, seed=1)
+    oracle = T.evaluate(model, processor, encoded, "oracle", retention=0.1, seed=1)
+    chance = 0.25  # four options, four counts
+    assert full["accuracy"] >= 0.7 > chance + 0.4, full
+    assert rand["accuracy"] <= full["accuracy"] - 0.25, (full, rand)
+    assert oracle["accuracy"] >= full["accuracy"] - 0.05, (full, oracle)
+    # the binding questions (not the dot prior) are where the tokens matter most
+    assert rand["colour"] <= 0.5 < full["colour"] - 0.3, (full, rand)
+
+
+def test_processor_matches_the_adapter_preprocessing(shipped, unseen: Path) -> None:
+    from cacovid_rl.models.preprocessing import load_video_preprocessing
+
+    _, processor = shipped
+    rec = load_records(unseen / "test.json").records[0]
+    frames = read_frames(rec.video, S.NUM_FRAMES)
+    ours = processor(text=["x"], videos=[frames])["pixel_values_videos"]
+    theirs = load_video_preprocessing(ASSET, "llava_onevision")(frames)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_adapter_generation_agrees_with_first_token_eval(shipped, unseen: Path, encoded: T.EncodedSet) -> None:
+    from cacovid_rl.models.loading import load_adapter
+
+    model, processor = shipped
+    adapter = load_adapter(ModelConfig(path=str(ASSET)))
+    records = load_records(unseen / "test.json").records[:12]
+    idx = list(range(len(records)))
+    batch = T.training_batch(processor, encoded, idx)
+    prompt_len = batch["attention_mask"].sum(1) - 2
+    mask = (torch.arange(batch["input_ids"].shape[1]) < prompt_len.unsqueeze(1)).long()
+    first = T.first_token_logits(model, batch["input_ids"], mask, batch["pixel_values_videos"]).argmax(-1)
+    for i, rec in enumerate(records):
+        enc = adapter.encode(read_frames(rec.video, S.NUM_FRAMES), build_prompt(rec.problem, rec.problem_type))
+        (text,) = adapter.generate(enc, None, max_new_tokens=4)
+        assert text.strip() == processor.tokenizer.decode([int(first[i])]).strip()  # and <|im_end|> stopped it
+
+
+def test_blind_test_drops_the_prior_questions(shipped, unseen: Path, tmp_path: Path) -> None:
+    from cacovid_rl.models.loading import load_adapter
+
+    adapter = load_adapter(ModelConfig(path=str(ASSET)))
+    raw = json.loads((unseen / "test.json").read_text())
+    records = load_records(unseen / "test.json").records[:80]
+    prior = {r["problem_id"] for r in raw if r["meta"]["prior"]}
+    summary = run_blind_test(records, adapter, tmp_path / "kept.json", max_new_tokens=4, progress=False)
+    kept = {r.sample_id for r in load_records(tmp_path / "kept.json", unseen).records}
+    in_sample = prior & {r.sample_id for r in records}
+    assert in_sample and not (kept & in_sample), "every dot question is answered without the video"
+    others = len(records) - len(in_sample)
+    # elsewhere only lucky guesses are dropped: well under half of the non-prior questions
+    assert summary.dropped - len(in_sample) < 0.5 * others
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    S.make_synthetic(data, n=30, seed=5)
+    settings = T.TrainSettings(
+        steps=4,
+        batch_size=4,
+        curriculum=(T.Stage(1, 1, 1, 8, fill=True, count_fraction=0.0), T.Stage(1, 2, 4, 4)),
+        curriculum_size=8,
+        text_only_every=2,
+        eval_every=2,
+        eval_size=4,
+    )
+    spec = T.TinyVLMSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    reports = []
+    for run in ("a", "b"):
+        reports.append(T.train_tiny_vlm(data, tmp_path / run, seed=3, spec=spec, settings=settings))
+    assert reports[0]["history"] == [
+        {**h, "secs": reports[0]["history"][i]["secs"]} for i, h in enumerate(reports[1]["history"])
+    ]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, processor = T.load_tiny_vlm(tmp_path / "a")  # the saved layout loads back offline
+    assert model.config.text_config.hidden_size == 32 and not model.training
+    assert isinstance(processor, T.FramesProcessor) or hasattr(processor, "video_processor")
+    assert np.isfinite(reports[0]["test_accuracy_10pct"]["full"]["accuracy"])
