@@ -724,7 +724,7 @@ def train_tiny_vlm(
         opt.step()
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
             acc = evaluate(model, processor, val, limit=settings.eval_size)
-            row = {"step": step + 1, "loss": round(float(loss), 4), "val": acc, "secs": round(time.time() - t0, 1)}
+            row = {"step": step + 1, "loss": round(loss.item(), 4), "val": acc, "secs": round(time.time() - t0, 1)}
             history.append(row)
             emit(row)
 

@@ -136,3 +136,22 @@ def test_training_is_deterministic_from_the_seed(tmp_path: Path) -> None:
     assert model.config.text_config.hidden_size == 32 and not model.training
     assert isinstance(processor, T.FramesProcessor) or hasattr(processor, "video_processor")
     assert np.isfinite(reports[0]["test_accuracy_10pct"]["full"]["accuracy"])
+
+
+def test_prompts_are_in_the_vocabulary_and_templated_once(shipped) -> None:
+    from cacovid_rl.data.prompts import INSTRUCTIONS, chat_text
+
+    _, processor = shipped
+    tok = processor.tokenizer
+    for i in range(40):
+        scene = S.sample_scene(np.random.default_rng([9, i]))
+        prompt = build_prompt(S.problem_text(scene), scene.problem_type)
+        assert prompt.endswith(INSTRUCTIONS[scene.problem_type])
+        text = chat_text(processor, prompt)
+        assert text.count("<video>") == 1 and text.index("<video>") < text.index(scene.question)
+        assert text.rstrip().endswith("<|im_start|>assistant")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
+        assert "<video>" not in chat_text(processor, prompt, video=False)
+    for instruction in INSTRUCTIONS.values():  # every problem type's instruction tokenizes without <unk>
+        assert tok.unk_token_id not in tok(instruction, add_special_tokens=False)["input_ids"]
