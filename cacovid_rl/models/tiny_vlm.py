@@ -151,7 +151,12 @@ class FramesProcessor:
         """``[T, H, W, 3]`` uint8 -> ``[T, 3, h, w]`` float32, normalised."""
         x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+            # torchvision resizes uint8 frames in float, then rounds back to the uint8 grid
+            x = (
+                F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+                .round()
+                .clamp(0, 255)
+            )
         return (x * self.rescale_factor - self.mean) / self.std
 
     def __call__(

@@ -72,8 +72,12 @@ def test_processor_matches_the_adapter_preprocessing(shipped, unseen: Path) -> N
     rec = load_records(unseen / "test.json").records[0]
     frames = read_frames(rec.video, S.NUM_FRAMES)
     ours = processor(text=["x"], videos=[frames])["pixel_values_videos"]
-    theirs = load_video_preprocessing(ASSET, "llava_onevision")(frames)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    prep = load_video_preprocessing(ASSET, "llava_onevision")
+    torch.testing.assert_close(ours, prep(frames), rtol=0, atol=0)
+    other = np.random.default_rng(0).integers(0, 256, (3, 100, 80, 3), dtype=np.uint8)  # resized to 64x64
+    torch.testing.assert_close(
+        processor(text=["x"], videos=[other])["pixel_values_videos"], prep(other), rtol=0, atol=0
+    )
 
 
 def test_adapter_generation_agrees_with_first_token_eval(shipped, unseen: Path, encoded: T.EncodedSet) -> None:
