@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class MetricsLogger:
 
                 # A resumed run continues the same wandb run: its id lives beside the metrics.
                 id_file = Path(out_dir) / "wandb_run_id"
-                run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+                run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
                 id_file.write_text(run_id + "\n")
                 self._wandb = wandb.init(
                     id=run_id,
