@@ -24,7 +24,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 def make_cfg(out: Path, data: Path, *overrides: str) -> Config:
     """A small debug config: shipped tiny model, 2 actors, short rollouts, no wandb."""
     base = [
-        f"model.path={os.environ.get('CACOVID_TEST_MODEL', 'tiny')}",
+        "model.path=tiny",
         f"data.train_path={data / 'train.json'}",
         f"data.eval_path={data / 'test.json'}",
         f"data.video_root={data}",
