@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,17 @@ def _learner_options(cfg: Config) -> dict[str, Any]:
     return opts
 
 
-def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training until ``learner.total_steps`` updates; returns a summary."""
+def train(
+    cfg: Config,
+    resume: bool = False,
+    stop_after_updates: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) training until ``learner.total_steps`` updates; returns a summary.
+
+    ``should_stop`` (checked between steps) ends the run early with a checkpoint, like SIGTERM;
+    it lets an embedding program (or a test) stop a run it started in a thread.
+    """
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = Path(cfg.learner.checkpoint_dir)
@@ -166,6 +176,9 @@ def train(cfg: Config, resume: bool = False, stop_after_updates: int | None = No
 
     try:
         while version < end and not stop.requested:
+            if should_stop is not None and should_stop():
+                stop.requested = True
+                break
             # 1. Open the staleness window: batches up to version + L may be rolled out now.
             while next_batch < end and next_batch <= version + lag:
                 queue.extend(cursor.item(g, next_batch) for g in range(next_batch * qps, (next_batch + 1) * qps))
