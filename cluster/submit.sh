@@ -119,6 +119,9 @@ try:
 except ConfigError as exc:
     sys.exit(f"invalid config: {exc}")
 PY
+elif [[ -f "$config" ]]; then
+  echo "submit.sh: note: '$python_bin' cannot import cacovid_rl, so the config and overrides are" \
+    "checked only on the cluster (set PYTHON to an interpreter that has the package)" >&2
 fi
 
 if [[ -z "$submission_id" ]]; then
@@ -158,6 +161,12 @@ if ((status != 0 && !wait_for_job)); then
   exit "$status"
 fi
 
+# Resuming needs the same overrides (output and checkpoint dirs among them) and runtime_env.
+resume_cmd=(cluster/submit.sh --config "$config")
+[[ "$runtime_env" == cluster/runtime_env.yaml ]] || resume_cmd+=(--runtime-env "$runtime_env")
+resume_cmd+=(--address "$address" ${overrides[@]+"${overrides[@]}"} --resume)
+resume_hint="$(printf '%q ' "${resume_cmd[@]}")"
+
 cat <<EOF
 
 Job ID: $submission_id  (address $address)
@@ -165,6 +174,6 @@ Job ID: $submission_id  (address $address)
   status:       $ray_bin job status --address $address $submission_id
   stop:         $ray_bin job stop --address $address $submission_id
   list jobs:    $ray_bin job list --address $address
-  resume later: cluster/submit.sh --config $config --resume
+  resume later: ${resume_hint% }
 EOF
 exit "$status"

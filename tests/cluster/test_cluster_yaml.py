@@ -628,6 +628,9 @@ def test_submit_builds_the_ray_job_command(tmp_path: Path) -> None:
     assert entry[-1] == "ENV RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1"
     for hint in ("job logs", "-f cacovid-test-1", "job status", "job stop", "--resume"):
         assert hint in out.stdout
+    # Resuming must repeat the overrides (they may move the output and checkpoint dirs).
+    resume = "cluster/submit.sh --config configs/llava_ov_7b.yaml --address http://127.0.0.1:8265"
+    assert f"resume later: {resume} learner.total_steps=5 wandb.run_name=my\\ run --resume\n" in out.stdout
 
 
 def test_submit_defaults_and_wait(tmp_path: Path) -> None:
@@ -655,6 +658,21 @@ def test_submit_fails_before_submitting(tmp_path: Path, args: list[str], message
     out, argv = _submit(tmp_path, *args)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert argv == [], "nothing may be submitted"
+
+
+def test_submit_without_the_package_leaves_the_check_to_the_cluster(tmp_path: Path) -> None:
+    # A laptop with only Ray: nothing can validate the config here, so it is submitted, and
+    # submit.sh says the check was skipped (the job then fails on the cluster naming the key).
+    out, argv = _submit(tmp_path, "learner.totl_steps=5", PYTHON="false")
+    assert out.returncode == 0, out.stderr
+    assert "checked only on the cluster" in out.stderr
+    assert argv[argv.index("--") + 1 :][:5] == [
+        "cacovid-rl",
+        "train",
+        "--config",
+        "configs/llava_ov_7b.yaml",
+        "learner.totl_steps=5",
+    ]
 
 
 def test_config_errors_name_the_key() -> None:
