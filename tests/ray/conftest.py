@@ -63,6 +63,79 @@ def local_ray():
     ray.shutdown()
 
 
+# A multi-node cluster as on a real deployment: the learner on the head (its own resource), reward
+# actors on worker nodes that carry the `reward_actor` resource.
+CLUSTER_OVERRIDES = (
+    "cluster.actor_resource=reward_actor",
+    "cluster.min_actors=1",
+    "cluster.max_actors=2",
+    "cluster.actor_num_cpus=0",
+    "learner.placement_resource=learner",
+)
+
+
+class SimulatedCluster:
+    def __init__(self, reward_nodes: int) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "resources": {"learner": 1}, "object_store_memory": 150 * 1024**2},
+        )
+        self.nodes = [self.add_reward_node() for _ in range(reward_nodes)]
+        ray.init(address=self.cluster.address)
+
+    def add_reward_node(self):
+        return self.cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2)
+
+    def remove_node(self, node) -> None:
+        self.cluster.remove_node(node)
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture
+def simulated_cluster():
+    """``make(n)`` starts a head + ``n`` reward nodes and connects; shut down after the test."""
+    made: list[SimulatedCluster] = []
+
+    def make(reward_nodes: int) -> SimulatedCluster:
+        made.append(SimulatedCluster(reward_nodes))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+class BackgroundRun:
+    """``learner.driver.train`` in a thread, stoppable through ``should_stop``."""
+
+    def __init__(self, cfg: Config) -> None:
+        import threading
+
+        from learner.driver import train
+
+        self.summary: dict | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(train, cfg), daemon=True)
+        self.thread.start()
+
+    def _run(self, train, cfg: Config) -> None:
+        self.summary = train(cfg, should_stop=self.stop.is_set)
+
+    def join(self, timeout: float) -> dict:
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), "training did not finish"
+        assert self.summary is not None, "training raised (see the thread's traceback above)"
+        return self.summary
+
+
 def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.ray.conftest import make_cfg, read_metrics, wait_for
+from tests.ray.conftest import CLUSTER_OVERRIDES, BackgroundRun, make_cfg, read_metrics, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -103,67 +102,34 @@ def test_bad_video_is_skipped_and_counted(local_ray, tmp_path: Path, synthetic_d
     _assert_every_sample_once(summary, cfg)
 
 
-def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_dir: Path):
+def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_dir: Path, simulated_cluster):
     import ray
-    from ray.cluster_utils import Cluster
 
-    from learner.driver import train
-
-    # The learner lives on the head (its own resource, as on a real cluster); reward actors on workers.
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"learner": 1}, "object_store_memory": 150 * 1024**2},
-    )
-    nodes = [
-        cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2) for _ in range(2)
-    ]
-    ray.init(address=cluster.address)
-    try:
-        cfg = make_cfg(
-            tmp_path,
-            synthetic_dir,
-            "learner.total_steps=8",
-            "cluster.actor_resource=reward_actor",
-            "cluster.min_actors=1",
-            "cluster.max_actors=2",
-            "cluster.actor_num_cpus=0",
-            "learner.placement_resource=learner",
-        )
-        out: dict = {}
-        thread = threading.Thread(target=lambda: out.update(summary=train(cfg)), daemon=True)
-        thread.start()
-        wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 300, "the first update")
-        names = [n for n in ray.util.list_named_actors() if "reward-" in n]
-        ray.kill(ray.get_actor(sorted(names)[0]), no_restart=False)  # an actor dies mid-batch
-        wait_for(lambda: len(read_metrics(tmp_path)) >= 3, 300, "updates after the kill")
-        cluster.remove_node(nodes[1])  # a whole node leaves
-        thread.join(timeout=600)
-        assert not thread.is_alive(), "training did not finish"
-        summary = out["summary"]
-        _assert_every_sample_once(summary, cfg)
-        counters = summary["counters"]
-        assert counters["actor_failures"] + counters["redispatched"] >= 1
-        assert len(set(counters["consumed_indices"])) == len(counters["consumed_indices"])
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    cluster = simulated_cluster(2)
+    cfg = make_cfg(tmp_path, synthetic_dir, "learner.total_steps=8", *CLUSTER_OVERRIDES)
+    run = BackgroundRun(cfg)
+    wait_for(lambda: len(read_metrics(tmp_path)) >= 1, 300, "the first update")
+    names = [n for n in ray.util.list_named_actors() if "reward-" in n]
+    ray.kill(ray.get_actor(sorted(names)[0]), no_restart=False)  # an actor dies mid-batch
+    wait_for(lambda: len(read_metrics(tmp_path)) >= 3, 300, "updates after the kill")
+    cluster.remove_node(cluster.nodes[1])  # a whole node leaves
+    summary = run.join(timeout=600)
+    _assert_every_sample_once(summary, cfg)
+    counters = summary["counters"]
+    assert counters["actor_failures"] + counters["redispatched"] >= 1
+    assert len(set(counters["consumed_indices"])) == len(counters["consumed_indices"])
 
 
 def test_hung_actor_is_restarted_and_its_work_redispatched(local_ray, tmp_path: Path, synthetic_dir: Path):
     import ray
 
-    from learner.driver import train
-
-    cfg = make_cfg(tmp_path, synthetic_dir, "learner.total_steps=3", "cluster.call_timeout_s=8")
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(summary=train(cfg)), daemon=True)
-    thread.start()
+    # Enough questions that the hung actor is still handed work after the hang call lands.
+    cfg = make_cfg(tmp_path, synthetic_dir, "learner.total_steps=8", "cluster.call_timeout_s=8")
+    run = BackgroundRun(cfg)
     wait_for(lambda: any("reward-0" in n for n in ray.util.list_named_actors()), 120, "the reward actors")
     name = next(n for n in ray.util.list_named_actors() if n.endswith("reward-0"))
     ray.get_actor(name).hang.remote(60)  # work queued behind this call exceeds call_timeout_s
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "training did not finish"
-    summary = out["summary"]
+    summary = run.join(timeout=300)
     assert summary["counters"]["hung_restarts"] >= 1
     _assert_every_sample_once(summary, cfg)
 
@@ -191,57 +157,34 @@ def test_periodic_evaluation_runs_as_a_task(local_ray, tmp_path: Path, synthetic
     assert any("eval/full" in row for row in read_metrics(tmp_path))
 
 
-def test_elastic_pool_grows_and_shrinks_with_nodes(tmp_path: Path, synthetic_dir: Path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from learner.driver import train
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"learner": 1}, "object_store_memory": 150 * 1024**2},
+def test_elastic_pool_grows_and_shrinks_with_nodes(tmp_path: Path, synthetic_dir: Path, simulated_cluster):
+    cluster = simulated_cluster(1)
+    cfg = make_cfg(
+        tmp_path,
+        synthetic_dir,
+        "learner.total_steps=100000",  # stopped by the test once the pool has shrunk
+        "rollout.iterations=5",  # heavier questions, so an actor start-up is short against the run
+        "sampling.num_token=23",
+        *CLUSTER_OVERRIDES,
     )
-    cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2)
-    ray.init(address=cluster.address)
-    try:
-        cfg = make_cfg(
-            tmp_path,
-            synthetic_dir,
-            "learner.total_steps=100000",  # stopped by the test once the pool has shrunk
-            "rollout.iterations=5",  # heavier questions, so an actor start-up is short against the run
-            "sampling.num_token=23",
-            "cluster.actor_resource=reward_actor",
-            "cluster.min_actors=1",
-            "cluster.max_actors=2",
-            "cluster.actor_num_cpus=0",
-            "learner.placement_resource=learner",
-        )
-        out: dict = {}
-        stop = threading.Event()
-        thread = threading.Thread(target=lambda: out.update(summary=train(cfg, should_stop=stop.is_set)), daemon=True)
-        thread.start()
-        wait_for(lambda: len(read_metrics(tmp_path)) >= 3, 300, "updates on one node")
-        assert read_metrics(tmp_path)[-1]["pool/size"] == 1
-        extra = cluster.add_node(num_cpus=1, resources={"reward_actor": 1}, object_store_memory=100 * 1024**2)
-        wait_for(lambda: read_metrics(tmp_path)[-1]["pool/ready"] == 2, 300, "the pool to grow")
-        grown_at = len(read_metrics(tmp_path))
-        wait_for(lambda: len(read_metrics(tmp_path)) >= grown_at + 8, 300, "updates on two nodes")
-        cluster.remove_node(extra)
-        wait_for(lambda: read_metrics(tmp_path)[-1]["pool/size"] == 1, 300, "the pool to shrink")
-        shrunk_at = len(read_metrics(tmp_path))
-        wait_for(lambda: len(read_metrics(tmp_path)) >= shrunk_at + 3, 300, "updates after the node left")
-        stop.set()
-        thread.join(timeout=300)
-        assert not thread.is_alive(), "training did not stop"
-        summary = out["summary"]
-        assert summary["stopped_early"]
-        consumed = summary["counters"]["consumed_indices"]
-        assert sorted(consumed) == list(range(summary["version"] * cfg.learner.questions_per_step))
-        rows = read_metrics(tmp_path)
-        one = [r["timing/step"] for r in rows[1:grown_at] if r["pool/ready"] == 1]
-        two = [r["timing/step"] for r in rows[grown_at : grown_at + 8]]
-        # Throughput with two actors beats one (time per update drops), measured in the same run.
-        assert np.mean(two) < np.mean(one), (one, two)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    run = BackgroundRun(cfg)
+    wait_for(lambda: len(read_metrics(tmp_path)) >= 3, 300, "updates on one node")
+    assert read_metrics(tmp_path)[-1]["pool/size"] == 1
+    extra = cluster.add_reward_node()
+    wait_for(lambda: read_metrics(tmp_path)[-1]["pool/ready"] == 2, 300, "the pool to grow")
+    grown_at = len(read_metrics(tmp_path))
+    wait_for(lambda: len(read_metrics(tmp_path)) >= grown_at + 8, 300, "updates on two nodes")
+    cluster.remove_node(extra)
+    wait_for(lambda: read_metrics(tmp_path)[-1]["pool/size"] == 1, 300, "the pool to shrink")
+    shrunk_at = len(read_metrics(tmp_path))
+    wait_for(lambda: len(read_metrics(tmp_path)) >= shrunk_at + 3, 300, "updates after the node left")
+    run.stop.set()
+    summary = run.join(timeout=300)
+    assert summary["stopped_early"]
+    consumed = summary["counters"]["consumed_indices"]
+    assert sorted(consumed) == list(range(summary["version"] * cfg.learner.questions_per_step))
+    rows = read_metrics(tmp_path)
+    one = [r["timing/step"] for r in rows[1:grown_at] if r["pool/ready"] == 1]
+    two = [r["timing/step"] for r in rows[grown_at : grown_at + 8]]
+    # Throughput with two actors beats one (time per update drops), measured in the same run.
+    assert np.mean(two) < np.mean(one), (one, two)
