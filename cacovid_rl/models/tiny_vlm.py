@@ -597,7 +597,7 @@ def evaluate(
 class TrainSettings:
     """Optimisation settings of the shipped run (see ``TRIED`` for what else was tried)."""
 
-    steps: int = 4500
+    steps: int = 2200
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 30
@@ -607,7 +607,7 @@ class TrainSettings:
     curriculum: tuple[Stage, ...] = (
         Stage(150, 1, 1, 8, fill=True, count_fraction=0.0, text_only=False),
         Stage(150, 1, 1, 8),
-        Stage(600, 2, 4, 4),
+        Stage(300, 2, 4, 4),
     )
     """Stages before the train split: from reading the colour of one object that fills a quadrant for
     the whole video (a strong signal, so the video pathway starts working) to binding the asked
@@ -619,7 +619,7 @@ class TrainSettings:
     eval_size: int = 256
 
 
-DATA_SEED_OFFSET = 1000
+DATA_SEED_OFFSET = 1
 TRIED: list[str] = [
     "shape binding (circle/square/triangle/cross/diamond named by shape), hidden 128, 2 layers, 4 heads, "
     "intermediate 512, AdamW lr 2e-3, 200 steps on 1-object scenes first: no colour reading after 250 steps "
@@ -637,7 +637,10 @@ TRIED: list[str] = [
     "binding by quadrant (colour-independent key), 3 layers, lr 1e-3, curriculum 1 object (span 8) -> 2-4 objects "
     "(span 4): first stage did not start learning in 150 steps (the plateau before the video pathway is used)",
     "first stage with the coloured object filling its whole quadrant for the whole video (32 tokens): learned in "
-    "<100 steps; binding then emerged on 2-4 objects; 2200 steps reached ~0.8 overall (first shipped model)",
+    "<100 steps; binding then emerged on 2-4 objects; 2200 steps reached 0.80 overall on its test split (shipped)",
+    "longer run: 4500 steps, a 600-step 2-4-object stage, 12000 training videos: 0.78 full / 0.41 random-10% / "
+    "0.76 oracle-10% on its test split; on a common unseen set (1000 videos, seed 4242) 0.755 full against 0.782 "
+    "for the 2200-step run, which stays shipped (counting stays the weak part: about 0.5 for both)",
 ]
 """Earlier attempts and their outcomes, copied into ``training_report.json``."""
 
@@ -665,7 +668,7 @@ def train_tiny_vlm(
     settings: TrainSettings | None = None,
     log_path: str | Path | None = None,
     save: bool = True,
-    data_size: int = 15000,
+    data_size: int = 10000,
 ) -> dict[str, Any]:
     """Train the tiny VLM on ``data_dir/train.json`` with full video tokens; evaluate; save; return the report.
 
