@@ -16,7 +16,7 @@ What is measured (issue 7 #3):
    per-layer transients at the real width; the KV cache of 28 layers is not represented).
 2. The chunk size ``choose_chunk_size`` picks for memory budgets of 1-70 GiB, at the tiny model's and at
    LLaVA-OV-7B's sequence lengths (2%, 10%, 25% and 100% of 6,272 video tokens + ~100 text tokens, bf16, 28 layers),
-   computed on a 7B-config model built on the meta device (no weights).
+   computed by the library's ``choose_chunk_size`` on the Qwen2-7B text config (no weights needed).
 """
 
 from __future__ import annotations
@@ -178,33 +178,30 @@ def run_child(spec: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
 # chunk sizes at the 7B width
 
 
-def meta_7b_adapter() -> Any:
-    """A LLaVA-OV adapter whose model has LLaVA-OV-7B's language-model config, built on the meta device (no memory)."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+class ConfigOnly:
+    """Just what ``VideoLLMAdapter.choose_chunk_size`` reads (``text_config``, ``dtype``), without any weights.
 
-    from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
-    from cacovid_rl.models.tiny import tiny_tokenizer
+    ``choose_chunk_size`` is called unbound on it, so the library's own estimate is what the table shows.
+    """
 
-    tok = tiny_tokenizer("llava_onevision")
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=48, patch_size=8
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=qwen2_7b_config(vocab_size=len(tok)),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        video_token_index=tok.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[48, 48]],
-    )
-    with torch.device("meta"):
-        model = LlavaOnevisionForConditionalGeneration(config).to(torch.bfloat16)
-    return LlavaOnevisionAdapter(model, tok)
+    def __init__(self, text_config: Any, dtype: torch.dtype) -> None:
+        self.text_config = text_config
+        self.dtype = dtype
+        self.hidden_size = int(text_config.hidden_size)
+
+    def choose_chunk_size(self, seq_len: int, budget_bytes: int, max_new_tokens: int = 16) -> int:
+        from cacovid_rl.models.base import VideoLLMAdapter
+
+        return VideoLLMAdapter.choose_chunk_size(self, seq_len, budget_bytes, max_new_tokens)  # type: ignore[arg-type]
+
+
+def config_7b() -> ConfigOnly:
+    """LLaVA-OV-7B's language model (Qwen2-7B: 28 layers, 4 kv heads, head dim 128) in bf16, weights-free."""
+    return ConfigOnly(qwen2_7b_config(), torch.bfloat16)
 
 
 def chunk_table(tiny_adapter: Any, tiny_lengths: dict[str, int], max_new_tokens: int) -> dict[str, Any]:
-    wide = meta_7b_adapter()
+    wide = config_7b()
     video = 32 * 196
     lengths_7b = {f"{p:.0%} video": TEXT_TOKENS_7B + 1 + round(p * video) for p in (0.02, 0.10, 0.25, 1.0)}
     out: dict[str, Any] = {}

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_process(args.threads)
     started = time.perf_counter()
     widths = [w.strip() for w in args.widths.split(",") if w.strip()]
-    frames = 2 if args.quick else args.frames
+    frames = 1 if args.quick else args.frames
     wide_dtype = parse_dtype(args.wide_dtype or "bfloat16")
     results: dict[str, Any] = {"widths": {}, "paper_reference": PAPER}
     config: dict[str, Any] = {
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             adapter = wide_adapter(layers, wide_dtype, args.device)
             print(f"[7b] built a {layers}-layer 7B-width LLM in {time.perf_counter() - t0:.1f}s", flush=True)
             fastv_layer, prefill_layers = layers - 1, 1
-            repeats, retentions = args.repeats or (1 if args.quick else 3), [0.25]
+            repeats, retentions = args.repeats or (1 if args.quick else 4), [0.25]
         else:
             raise SystemExit(f"unknown width {w!r} (tiny, 7b)")
         res = bench_width(

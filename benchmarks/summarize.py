@@ -95,7 +95,8 @@ def reward(d: dict[str, Any]) -> str:
             _table(["path", "combinations/s (p10-p90)", "actor speedup"], rows),
             f"\nRewards identical per combination: {agree}. Sampled reference (T=0.01, top_p=0.01) equals greedy on "
             f"{res['reference_sampled_equals_greedy']:.0%} of rows; it ran "
-            f"{res['reference_mean_tokens_per_row']:.1f} new tokens per row. Targets: {targets}.",
+            f"{res['reference_mean_tokens_per_row']:.1f} new tokens per row. Actor time / prefill floor (one batched "
+            f"prefill + first-token logits, no decoding): {res['actor_over_floor']['median']:.2f}. Targets: {targets}.",
         ]
     )
 
@@ -169,7 +170,8 @@ def training(d: dict[str, Any]) -> str:
         rows.append(
             [n, f"{r['combos_per_s']:.0f}", f"{r['updates_per_s']:.2f}", f"{r['scaling_efficiency']:.0%}",
              f"{r['sync_latency_s'] * 1e3:.0f}", f"{r['sync_load_s'] * 1e3:.1f}", fmt_bytes(r["bytes_per_question"]),
-             f"{r['learner_s_per_question'] * 1e3:.1f}", f"{r['actor_utilisation']:.0%}"]
+             f"{r['learner_s_per_question'] * 1e3:.1f}", f"{r['actor_utilisation']:.0%}",
+             f"{r.get('load_avg_1m_start', float('nan')):.1f}"]
         )  # fmt: skip
     t = res["transfer_7b"]
     trows = [
@@ -190,6 +192,7 @@ def training(d: dict[str, Any]) -> str:
                     "bytes/question",
                     "learner ms/question",
                     "actor utilisation",
+                    "machine load (1 min)",
                 ],
                 rows,
             ),

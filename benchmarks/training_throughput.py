@@ -18,13 +18,16 @@ cannot be interleaved finer than whole runs); figures are medians over rounds. F
 the window, not the actors, would cap the throughput. Ray gets ``num_cpus = n`` logical CPUs (one per actor, the
 learner takes 0); the machine has only its physical cores (2 here), which is the real limit of the scaling.
 
-Also written: the bytes per question at the 7B width for the "ship embeddings" design (what the trajectory carries)
-vs "ship frames" (and the learner-side cost each implies), computed from the shapes.
+CPU only: ``--device`` is recorded but the run uses the config's CPU placement (on a GPU cluster the same figures
+come from the training job's own metrics). Also written: the bytes per question at the 7B width for the "ship
+embeddings" design (what the trajectory carries) vs "ship frames" (and the learner-side cost each implies),
+computed from the shapes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -137,6 +140,7 @@ def run_training(n: int, args: Any, model_path: str, data: Path, work: Path) -> 
             "wandb.mode=disabled",
         ],
     )
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     with local_ray(num_cpus=n, object_store_mb=cfg.cluster.object_store_memory_mb):
         summary = train(cfg)
@@ -175,6 +179,8 @@ def run_training(n: int, args: Any, model_path: str, data: Path, work: Path) -> 
         "dispatched": summary["counters"]["dispatched"],
         "duplicates": summary["counters"]["duplicates"],
         "combos_per_question": per_question,
+        "load_avg_1m_start": load_start,
+        "load_avg_1m_end": os.getloadavg()[0],
     }
     shutil.rmtree(out, ignore_errors=True)
     return res
@@ -295,24 +301,35 @@ def report(res: dict[str, Any]) -> None:
 def plot(res: dict[str, Any], path: str) -> None:
     fig, axes = new_figure(ncols=2, width=5.0, height=3.9)
     ns = [int(n) for n in res["runs"]]
-    thr = [res["runs"][str(n)]["combos_per_s"] for n in ns]
+    runs = [res["runs"][str(n)] for n in ns]
+    thr = [r["combos_per_s"] for r in runs]
+    st = [r["combos_per_s_stats"] for r in runs]
     ax = axes[0]
-    ax.plot(ns, thr, "o-", color="tab:red", label="measured")
+    ax.errorbar(ns, thr, yerr=[[t - s.p10 for t, s in zip(thr, st, strict=True)],
+                               [s.p90 - t for t, s in zip(thr, st, strict=True)]],
+                fmt="o-", color="tab:red", capsize=3, label="measured (median, p10-p90 over rounds)")  # fmt: skip
     ax.plot(ns, [thr[0] / ns[0] * n for n in ns], ":", color="grey", label="linear in actors")
     cores = res["core_limit"]["physical_cores"]
     ax.plot(ns, [thr[0] / ns[0] * min(n, cores) for n in ns], "--", color="tab:blue", label=f"{cores}-core ceiling")
+    ax.axhline(res["learner_ceiling_combos_per_s"], color="tab:green", ls="-.", label="learner ceiling (1-actor runs)")
     ax.set_xticks(ns)
     ax.set_xlabel("reward actors")
     ax.set_ylabel("combinations evaluated / s")
-    ax.set_title("Whole-loop throughput")
-    ax.legend(fontsize=8)
+    load = np.mean([r.get("load_avg_1m_start", np.nan) for r in runs])
+    ax.set_title(f"Whole-loop throughput (machine load ~{load:.0f})", fontsize=10)
+    ax.legend(fontsize=7)
     ax = axes[1]
-    ax.bar([str(n) for n in ns], [res["runs"][str(n)]["scaling_efficiency"] for n in ns], color="tab:red")
+    eff = [r["scaling_efficiency_stats"] for r in runs]
+    ax.bar([str(n) for n in ns], [r["scaling_efficiency"] for r in runs], color="tab:red",
+           yerr=[[r["scaling_efficiency"] - e.p10 for r, e in zip(runs, eff, strict=True)],
+                 [e.p90 - r["scaling_efficiency"] for r, e in zip(runs, eff, strict=True)]], capsize=3)  # fmt: skip
+    ax.plot([str(n) for n in ns], [min(n, cores) / n for n in ns], "o--", color="tab:blue", label="core-limited ideal")
     ax.axhline(1.0, color="grey", ls=":")
     ax.set_ylim(0, 1.2)
     ax.set_xlabel("reward actors")
     ax.set_ylabel("throughput(n) / (n x throughput(1))")
-    ax.set_title("Scaling efficiency")
+    ax.set_title("Scaling efficiency (per round)", fontsize=10)
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 

@@ -17,6 +17,8 @@ Actors here are ``RewardActor`` s whose worker holds only a policy copy (no vide
 library's, unchanged. They are idle when a version is published; in training an actor picks a version up between
 work items, so the driver's latency adds up to one work item. Sizes: the tiny model's policy (float32) and the
 7B-width policy (``CacovidPolicy.from_blueprint`` of a Qwen2-7B-width layer: ~250M parameters, bf16, ~0.5 GB).
+Policies live on the CPU (the broadcast path is host memory + object store in every deployment; ``--device`` is
+only recorded).
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def report(res: dict[str, Any]) -> None:
 
 
 def plot(res: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width=6.2, height=4.2)
+    fig, (ax, bx) = new_figure(ncols=2, width=5.6, height=4.2)
     for size, r in res["sizes"].items():
         ns = [int(n) for n in r["actors"]]
         med = [r["actors"][str(n)]["to_all_s"].median for n in ns]
@@ -239,8 +241,27 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_xticks([int(n) for n in next(iter(res["sizes"].values()))["actors"]])
     ax.set_xlabel("actors")
     ax.set_ylabel("publish -> all actors on the new version (s)")
-    ax.set_title("Weight broadcast latency (one machine, 2 cores)")
+    ax.set_title("Weight broadcast latency (one machine)")
     ax.legend(fontsize=8)
+    # where the time goes, for the largest policy
+    size, r = max(res["sizes"].items(), key=lambda kv: kv[1]["bytes"])
+    ns = list(r["actors"])
+    parts = {
+        "flatten (learner)": [r["actors"][n]["flatten_s"].median for n in ns],
+        "put + CRC32 (learner)": [r["actors"][n]["put_checksum_s"].median for n in ns],
+        "fetch + CRC32 + load, slowest actor": [r["actors"][n]["fanout_s"].median for n in ns],
+    }
+    bottom = np.zeros(len(ns))
+    for (label, vals), colour in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
+        bx.bar(ns, vals, bottom=bottom, label=label, color=colour)
+        bottom += np.array(vals)
+    crc = float(np.median([r["actors"][n]["crc32_checksum_s"].median for n in ns]))
+    xxh = float(np.median([r["actors"][n]["xxh3_128_s"].median for n in ns]))
+    bx.axhline(crc, color="k", ls=":", label=f"one CRC32 of the buffer: {crc:.2f} s (xxh3-128: {xxh:.2f} s)")
+    bx.set_xlabel("actors")
+    bx.set_ylabel("seconds (medians)")
+    bx.set_title(f"{size} policy ({fmt_bytes(r['bytes'])}): where the time goes")
+    bx.legend(fontsize=7)
     save_figure(fig, path)
 
 

@@ -57,7 +57,8 @@ def test_pruning_latency(tmp_path):
 
 def test_reward_throughput(tmp_path):
     res = run("reward_throughput", tmp_path, "--ref-max-new-tokens", "32")["results"]
-    assert set(res["combos_per_s"]) == {"actor", "reference", "reference_capped", "naive"}
+    assert set(res["combos_per_s"]) == {"actor", "reference", "reference_capped", "naive", "prefill_floor"}
+    assert is_stats(res["actor_over_floor"])
     assert all(is_stats(s) for s in res["combos_per_s"].values())
     assert set(res["targets"]) == {"reference", "naive"}
     # the three paths must give identical rewards on identical combinations
