@@ -5,6 +5,11 @@ one optimiser step on the question's memory so far. A trajectory carries which i
 sample, so :meth:`PolicyUpdater.update` replays exactly that: step ``j`` uses the samples drawn in
 iterations ``<= j`` of every question in the batch, with policy scores recomputed (with gradients)
 from the shipped policy input and the behaviour policy's scores as ``logp_old``.
+
+A step whose batch carries no learning signal (in every question, each optimised mode's rewards are all
+equal, so every advantage is exactly 0 and so is the loss gradient) is skipped: AdamW would otherwise keep
+moving the weights on stale momentum and decoupled weight decay alone, which made a one-question bandit
+drift away from a learned solution once its rewards stopped varying. The LR schedule still advances.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from cacovid_rl.config import LearnerConfig, LossConfig
 from cacovid_rl.rl.loss import cacovid_loss
 from cacovid_rl.rl.trajectory import Trajectory
-from cacovid_rl.types import PolicyScores
+from cacovid_rl.types import MODE_FRAME, MODE_TOKEN, PolicyScores
 
 
 def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int):
@@ -39,13 +44,18 @@ def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int):
 def policy_scores_for(policy: torch.nn.Module, traj: Trajectory, device: torch.device | str) -> PolicyScores:
     """Recompute the policy's scores (with gradients) from a trajectory's shipped policy input."""
     dtype = next(policy.parameters()).dtype
-    emb = torch.from_numpy(np.array(traj.inputs_embeds)).to(device=device, dtype=dtype)  # copy: wire arrays are read-only
+    emb = torch.from_numpy(np.array(traj.inputs_embeds)).to(
+        device=device, dtype=dtype
+    )  # copy: wire arrays are read-only
     pos = torch.from_numpy(np.asarray(traj.position_ids, dtype=np.int64)).to(device)
     return policy(emb, pos, traj.video_start, traj.num_frames, traj.tokens_per_frame)
 
 
 class PolicyUpdater:
     """Owns the optimizer and schedule of a policy; one :meth:`update` per batch of trajectories."""
+
+    skipped_steps: int = 0
+    """Optimiser steps skipped for want of any learning signal (a class default: subclasses need not set it)."""
 
     def __init__(
         self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
@@ -62,6 +72,21 @@ class PolicyUpdater:
             self.optimizer, lr_lambda(learner, learner.total_steps * iterations)
         )
         self.optimizer_steps = 0
+
+    def has_signal(self, trajs: Sequence[Trajectory], iteration: int) -> bool:
+        """Whether optimiser step ``iteration`` has a non-zero gradient: some optimised mode of some question has
+        rewards that differ (group advantages are exactly 0 otherwise), or the KL term is on."""
+        if self.loss_cfg.kl_coef > 0:
+            return True
+        modes = (MODE_TOKEN, MODE_FRAME) if self.loss_cfg.frame_loss else (MODE_TOKEN,)
+        for traj in trajs:
+            sel = traj.iterations <= iteration
+            rewards, kinds = np.asarray(traj.rewards)[sel], np.asarray(traj.modes)[sel]
+            for mode in modes:
+                r = rewards[kinds == mode]
+                if r.size > 1 and r.max() > r.min():
+                    return True
+        return False
 
     def _batch_loss(self, trajs: Sequence[Trajectory], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=self.device)
@@ -109,6 +134,16 @@ class PolicyUpdater:
         agg: dict[str, float] = {}
         for it in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
+            if not self.has_signal(trajs, it):
+                with torch.no_grad():
+                    loss, metrics = self._batch_loss(trajs, it)
+                self.scheduler.step()
+                self.optimizer_steps += 1
+                self.skipped_steps += 1
+                metrics.update({"loss/total": float(loss), "policy/grad_norm": 0.0})
+                for k, v in metrics.items():
+                    agg[k] = agg.get(k, 0.0) + v / iterations
+                continue
             loss, metrics = self._batch_loss(trajs, it)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -122,4 +157,5 @@ class PolicyUpdater:
                 agg[k] = agg.get(k, 0.0) + v / iterations
         agg["learner/lr"] = float(self.scheduler.get_last_lr()[0])
         agg["learner/optimizer_steps"] = float(self.optimizer_steps)
+        agg["learner/skipped_steps"] = float(self.skipped_steps)
         return agg

@@ -140,3 +140,27 @@ def test_deepspeed_backend_matches_torch(adapter, tmp_path: Path):
     with pytest.raises(ValueError, match="stage 3"):
         bad = CFG.replace(**{"learner.backend": "deepspeed", "learner.zero_stage": 3})
         DeepSpeedPolicyUpdater(copy.deepcopy(base), bad.learner, bad.loss, 1)
+
+
+def test_update_without_signal_leaves_the_weights_alone(adapter):
+    """Equal rewards give all-zero advantages and gradients: no AdamW step (momentum/weight decay would move the
+    weights anyway), the schedule still advances; a batch where one question's rewards vary does step."""
+    policy = CacovidPolicy.from_adapter(adapter)
+    updater = PolicyUpdater(policy, CFG.learner, CFG.loss, CFG.rollout.iterations)
+    updater.update([_trajectory(adapter, policy, "s0", rewards_from=0)])  # real steps: Adam now has momentum
+    flat = _trajectory(adapter, policy, "s1")
+    flat.rewards = np.ones_like(flat.rewards)
+    assert not updater.has_signal([flat], CFG.rollout.iterations - 1)
+    before = [p.detach().clone() for p in policy.parameters()]
+    lr_before = updater.scheduler.get_last_lr()[0]
+    metrics = updater.update([flat])
+    for a, b in zip(before, policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert metrics["learner/skipped_steps"] == CFG.rollout.iterations
+    assert metrics["policy/grad_norm"] == 0.0 and np.isfinite(metrics["loss/total"])
+    assert updater.optimizer_steps == 2 * CFG.rollout.iterations
+    assert updater.scheduler.get_last_lr()[0] != lr_before  # the schedule moved on
+    varied = _trajectory(adapter, policy, "s2", rewards_from=2)
+    assert updater.has_signal([flat, varied], 0)
+    updater.update([flat, varied])
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
