@@ -1,5 +1,5 @@
-"""Training-free token selectors (uniform, random, FastV, VisionZip, DivPrune) and the CaCoVID selector."""
+"""Training-free token selectors (uniform, random, FastV, VisionZip, DivPrune), the CaCoVID selector and the oracle."""
 
-from cacovid_rl.baselines.base import SELECTORS, SelectionContext, TokenSelector, budget, get_selector
+from cacovid_rl.baselines.base import ORACLE, SELECTORS, SelectionContext, TokenSelector, budget, get_selector
 
-__all__ = ["SELECTORS", "SelectionContext", "TokenSelector", "budget", "get_selector"]
+__all__ = ["ORACLE", "SELECTORS", "SelectionContext", "TokenSelector", "budget", "get_selector"]

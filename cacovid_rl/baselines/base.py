@@ -15,7 +15,7 @@ import torch
 from cacovid_rl.policy.selection import budget
 from cacovid_rl.types import EncodedQuestion, PolicyScores
 
-__all__ = ["SELECTORS", "SelectionContext", "TokenSelector", "budget", "get_selector", "video_features"]
+__all__ = ["ORACLE", "SELECTORS", "SelectionContext", "TokenSelector", "budget", "get_selector", "video_features"]
 
 
 @dataclass
@@ -23,13 +23,16 @@ class SelectionContext:
     """Everything a selector may look at for one question.
 
     ``adapter`` is the model adapter (FastV asks it for early-layer attention), ``scores`` the CaCoVID
-    policy's scores (only the ``cacovid`` selector needs them), ``generator`` the randomness of ``random``.
+    policy's scores (only the ``cacovid`` selector needs them), ``generator`` the randomness of ``random``,
+    ``oracle_tokens`` the flat indices of the tokens known to hold the answer (only the ``oracle`` reference
+    needs them; the synthetic records carry them as ``meta.oracle_tokens``).
     """
 
     enc: EncodedQuestion
     adapter: object | None = None
     scores: PolicyScores | None = None
     generator: torch.Generator | None = None
+    oracle_tokens: torch.Tensor | list[int] | None = None
 
 
 @runtime_checkable
@@ -47,13 +50,16 @@ def video_features(ctx: SelectionContext) -> torch.Tensor:
 
 
 SELECTORS: tuple[str, ...] = ("uniform", "random", "fastv", "visionzip", "divprune", "cacovid")
+"""The selectors that work on any question (the oracle reference needs labelled answer tokens: ``ORACLE``)."""
+ORACLE = "oracle"
 
 
 def get_selector(name: str, **kwargs: object) -> TokenSelector:
-    """A fresh selector by name (see ``SELECTORS``); ``kwargs`` go to its constructor (e.g. ``imp_ratio``)."""
+    """A fresh selector by name (``SELECTORS`` or ``ORACLE``); ``kwargs`` go to its constructor (e.g. ``imp_ratio``)."""
     from cacovid_rl.baselines.cacovid import CacovidSelector
     from cacovid_rl.baselines.divprune import DivPruneSelector
     from cacovid_rl.baselines.fastv import FastVSelector
+    from cacovid_rl.baselines.oracle import OracleSelector
     from cacovid_rl.baselines.random_select import RandomSelector
     from cacovid_rl.baselines.uniform import UniformSelector
     from cacovid_rl.baselines.visionzip import VisionZipSelector
@@ -65,7 +71,8 @@ def get_selector(name: str, **kwargs: object) -> TokenSelector:
         "visionzip": VisionZipSelector,
         "divprune": DivPruneSelector,
         "cacovid": CacovidSelector,
+        ORACLE: OracleSelector,
     }
     if name not in classes:
-        raise ValueError(f"unknown selector {name!r}; available: {list(SELECTORS)}")
+        raise ValueError(f"unknown selector {name!r}; available: {[*SELECTORS, ORACLE]}")
     return classes[name](**kwargs)

@@ -6,18 +6,73 @@ LLM answer. Bad records (corrupt video, missing file) are skipped and counted, n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cacovid_rl.baselines.base import SelectionContext, get_selector
+from cacovid_rl.baselines.base import ORACLE, SelectionContext, get_selector
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
 from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.rl.rewards import compute_reward
+
+
+def answer_selections(adapter, enc, selections: Mapping[str, torch.Tensor], max_new_tokens: int) -> dict[str, str]:
+    """Greedy answers of several selections of one question, one batched ``generate`` per kept-token count.
+
+    ``selections`` maps a name to kept flat indices ``[K]``; selections of equal ``K`` share one LLM call.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, keep in selections.items():
+        groups.setdefault(int(keep.numel()), []).append(name)
+    answers: dict[str, str] = {}
+    device = enc.inputs_embeds.device
+    for names in groups.values():
+        rows = torch.stack([selections[n].to(device) for n in names])
+        for name, text in zip(names, adapter.generate(enc, rows, max_new_tokens), strict=True):
+            answers[name] = text
+    return answers
+
+
+class _MemoAttention:
+    """The adapter with ``early_layer_attention`` computed once per (question, layer): FastV asks at every retention."""
+
+    def __init__(self, adapter) -> None:
+        self._adapter = adapter
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def early_layer_attention(self, enc, layer: int = 2) -> torch.Tensor:
+        key = (id(enc), layer)
+        if key not in self._cache:
+            self._cache[key] = self._adapter.early_layer_attention(enc, layer=layer)
+        return self._cache[key]
+
+    def __getattr__(self, name: str):
+        return getattr(self._adapter, name)
+
+
+def select_all(
+    ctx: SelectionContext,
+    methods: list[str],
+    retentions: tuple[float, ...] | list[float],
+    imp_ratio: float = 0.5,
+) -> dict[tuple[str, float], torch.Tensor]:
+    """Kept tokens of every (method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None."""
+    out: dict[tuple[str, float], torch.Tensor] = {}
+    if ctx.adapter is not None and not isinstance(ctx.adapter, _MemoAttention):
+        ctx = dataclasses.replace(ctx, adapter=_MemoAttention(ctx.adapter))
+    for m in methods:
+        if m == ORACLE and ctx.oracle_tokens is None:
+            continue
+        selector = get_selector(m, imp_ratio=imp_ratio) if m == "cacovid" else get_selector(m)
+        for r in retentions:
+            out[(m, float(r))] = selector.select(ctx, r)
+    return out
 
 
 def evaluate(
@@ -33,12 +88,21 @@ def evaluate(
     seed: int = 0,
     imp_ratio: float = 0.5,
     progress: bool = False,
+    oracle: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Mean reward (accuracy for multiple choice) of each method at each retention, plus full tokens."""
+    """Mean reward (accuracy for multiple choice) of each method at each retention, plus full tokens.
+
+    ``oracle`` maps sample ids to the flat indices of their answer tokens (the synthetic records'
+    ``meta.oracle_tokens``); when given, the ``oracle`` reference is evaluated on the records it covers
+    (``result["counts"]["oracle"]`` of them) and every other method on all records.
+    """
     methods = list(methods)
     if policy is not None and "cacovid" not in methods:
         methods = ["cacovid", *methods]
+    if oracle is not None and ORACLE not in methods:
+        methods.append(ORACLE)
     sums: dict[str, dict[str, float]] = {m: {str(r): 0.0 for r in retentions} for m in methods}
+    counts = dict.fromkeys(methods, 0)
     full = 0.0
     n = skipped = 0
     errors: list[str] = []
@@ -58,14 +122,15 @@ def evaluate(
         with torch.no_grad():
             enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
             scores = policy.score(enc) if policy is not None else None
-            ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen)
+            tokens = None if oracle is None else oracle.get(rec.sample_id)
+            ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen, oracle_tokens=tokens)
             full += compute_reward(adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type)
-            for m in methods:
-                selector = get_selector(m, imp_ratio=imp_ratio) if m == "cacovid" else get_selector(m)
-                for r in retentions:
-                    keep = selector.select(ctx, r).to(enc.inputs_embeds.device)
-                    answer = adapter.generate(enc, keep[None], max_new_tokens)[0]
-                    sums[m][str(r)] += compute_reward(answer, rec.answer, rec.problem_type)
+            keeps = select_all(ctx, methods, retentions, imp_ratio)
+            answers = answer_selections(adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens)
+            for (m, r), _ in keeps.items():
+                sums[m][str(r)] += compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+            for m in {m for m, _ in keeps}:
+                counts[m] += 1
         n += 1
     denom = max(1, n)
     return {
@@ -74,7 +139,10 @@ def evaluate(
         "errors": errors[:50],
         "retentions": [float(r) for r in retentions],
         "full": full / denom,
-        "methods": {m: {k: v / denom for k, v in per.items()} for m, per in sums.items()},
+        "methods": {
+            m: {k: v / max(1, counts[m]) for k, v in per.items()} for m, per in sums.items() if counts[m] or m != ORACLE
+        },
+        "counts": counts,
     }
 
 
