@@ -1,0 +1,253 @@
+"""The evaluation report: the oracle reference, batched answering, run discovery, aggregation, the target check,
+plots and an end-to-end report on a few synthetic questions with the shipped tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cacovid_rl.baselines import ORACLE, SELECTORS, SelectionContext, budget, get_selector
+from cacovid_rl.config import load_config
+from cacovid_rl.eval import report as R
+from cacovid_rl.eval.evaluate import answer_selections, select_all
+from cacovid_rl.types import EncodedQuestion, PolicyScores
+
+DEBUG_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug_local.yaml"
+
+
+def make_ctx(t: int = 4, n: int = 16, oracle=None, seed: int = 0) -> SelectionContext:
+    torch.manual_seed(seed)
+    d = 8
+    embeds = torch.randn(3 + t * n + 2, d)
+    enc = EncodedQuestion(embeds, torch.arange(embeds.shape[0]), 3, t, n)
+    return SelectionContext(
+        enc=enc,
+        scores=PolicyScores(torch.randn(t, n), torch.randn(t)),
+        generator=torch.Generator().manual_seed(seed),
+        oracle_tokens=oracle,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the oracle reference
+
+
+def test_oracle_keeps_answer_tokens_and_pads_randomly() -> None:
+    ctx = make_ctx(oracle=[5, 21])
+    keep = get_selector(ORACLE).select(ctx, 0.1)  # B = 6 of 64
+    assert keep.shape == (budget(0.1, 64),) and {5, 21} <= set(keep.tolist())
+    assert (keep.diff() > 0).all()
+    again = get_selector(ORACLE).select(make_ctx(oracle=[5, 21]), 0.1)
+    assert torch.equal(keep, again)  # the padding comes from the context's generator
+
+
+def test_oracle_truncates_to_the_budget_and_validates() -> None:
+    keep = get_selector(ORACLE).select(make_ctx(oracle=list(range(10, 30))), 3 / 64)
+    assert keep.tolist() == [10, 11, 12]
+    assert get_selector(ORACLE).select(make_ctx(oracle=[]), 0.1).numel() == 6  # a count of zero: random
+    with pytest.raises(ValueError, match="oracle_tokens"):
+        get_selector(ORACLE).select(make_ctx(), 0.1)
+    with pytest.raises(ValueError, match="outside"):
+        get_selector(ORACLE).select(make_ctx(oracle=[64]), 0.1)
+    assert ORACLE not in SELECTORS  # not a training-free method: it needs labelled answer tokens
+
+
+def test_select_all_skips_the_oracle_without_tokens_and_memoises_fastv() -> None:
+    class Adapter:
+        calls = 0
+
+        def early_layer_attention(self, enc, layer=2):
+            Adapter.calls += 1
+            return torch.arange(enc.num_video_tokens, dtype=torch.float32)
+
+    ctx = make_ctx()
+    ctx.adapter = Adapter()
+    out = select_all(ctx, ["fastv", "uniform", ORACLE], [0.1, 0.25, 0.5])
+    assert {m for m, _ in out} == {"fastv", "uniform"} and Adapter.calls == 1
+    assert out[("fastv", 0.1)].tolist() == list(range(58, 64))
+
+
+def test_answer_selections_batches_equal_sizes() -> None:
+    class Adapter:
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def generate(self, enc, keep, max_new_tokens):
+            self.batches.append(keep.shape[0])
+            return [f"K{keep.shape[1]}r{int(row[0])}" for row in keep]
+
+    ad = Adapter()
+    enc = make_ctx().enc
+    sel = {"a": torch.tensor([0, 1]), "b": torch.tensor([2, 3]), "c": torch.tensor([4, 5, 6])}
+    answers = answer_selections(ad, enc, sel, 4)
+    assert answers == {"a": "K2r0", "b": "K2r2", "c": "K3r4"} and sorted(ad.batches) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs and configs
+
+
+def _write_run(path: Path, seed: int, with_config: bool = True) -> Path:
+    (path / "policy").mkdir(parents=True)
+    (path / "policy" / "policy_config.json").write_text("{}")
+    if with_config:
+        cfg = load_config(DEBUG_CONFIG, [f"seed={seed}"])
+        (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    rows = [
+        {
+            "step": s,
+            "reward/token_mean": 0.3 + 0.001 * s,
+            "reward/frame_mean": 0.5,
+            "rollout/rate_mean": 0.0625,
+            "loss/total": -0.001,
+            "loss/token": -0.001,
+            "loss/frame": 0.0,
+        }
+        for s in range(1, 41)
+    ]
+    rows.append({"step": 40, "eval/cacovid@0.1": 0.6, "eval/uniform@0.1": 0.4, "eval/full": 0.7})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_discover_and_load_runs(tmp_path: Path) -> None:
+    for s in (2, 0, 1):
+        _write_run(tmp_path / f"seed{s}", s)
+    (tmp_path / "notes").mkdir()
+    assert [p.name for p in R.discover_runs(tmp_path)] == ["seed0", "seed1", "seed2"]
+    assert R.discover_runs(tmp_path / "seed1") == [tmp_path / "seed1"]
+    runs = R.load_runs(tmp_path)
+    assert [r.cfg.seed for r in runs] == [0, 1, 2] and runs[0].config_source.endswith("config.yaml")
+    with pytest.raises(FileNotFoundError, match="no run directories"):
+        R.discover_runs(tmp_path / "notes")
+
+
+def test_run_config_from_wandb_or_fallback(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "r", 0, with_config=False)
+    with pytest.raises(FileNotFoundError, match="no resolved config"):
+        R.load_run_config(run)
+    cfg, source = R.load_run_config(run, DEBUG_CONFIG)
+    assert "fallback" in source and cfg.model.path == "tiny"
+    files = run / "wandb" / "offline-run-1" / "files"
+    files.mkdir(parents=True)
+    raw = load_config(DEBUG_CONFIG, ["seed=7"]).to_dict()
+    wandb_cfg = {"wandb_version": 1, "_wandb": {"value": {}}, **{k: {"value": v} for k, v in raw.items()}}
+    (files / "config.yaml").write_text(yaml.safe_dump(wandb_cfg))
+    cfg, source = R.load_run_config(run)
+    assert cfg.seed == 7 and source.endswith("files/config.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# aggregation and the target
+
+
+def _rows(runs_acc: dict[str, dict[str, list[float]]], n: int = 10) -> list[dict]:
+    """Per-question rows whose per-seed accuracies are exactly the given fractions."""
+    rows = []
+    for i in range(n):
+        row = {"sample_id": str(i), "kind": "colour" if i % 2 else "count", "full": 1.0 if i < 8 else 0.0}
+        for method, per_seed in runs_acc.items():
+            for s, acc in enumerate(per_seed):
+                key = f"{method}@0.1@seed{s}" if method in R.SEEDED else f"{method}@0.1"
+                row[key] = 1.0 if i < round(acc * n) else 0.0
+        rows.append(row)
+    return rows
+
+
+def _fake_runs(k: int) -> list[R.RunInfo]:
+    cfg = load_config(DEBUG_CONFIG)
+    return [R.RunInfo(f"seed{s}", Path(f"/x/seed{s}"), cfg, "", Path("p"), Path("m")) for s in range(k)]
+
+
+def test_aggregate_mean_std_and_target() -> None:
+    runs = _fake_runs(3)
+    rows = _rows({"cacovid": [0.7, 0.7, 0.6], "random": [0.5, 0.4, 0.5], "uniform": [0.5]})
+    acc = R.aggregate(rows, runs, [0.1], ["cacovid", "random", "uniform"])
+    assert acc["all"]["full"]["mean"] == pytest.approx(0.8)
+    cac = acc["all"]["cacovid"]["0.1"]
+    assert cac["mean"] == pytest.approx(0.6667, abs=1e-4) and cac["std"] == pytest.approx(
+        np.std([0.7, 0.7, 0.6], ddof=1)
+    )
+    assert acc["all"]["uniform"]["0.1"]["per_seed"] == [0.5, 0.5, 0.5]  # deterministic: shared by every seed
+    assert set(acc) == {"all", "colour", "count"} and acc["colour"]["n"] == 5
+    tgt = R.target_check(acc)
+    assert tgt["fraction_of_full"] == pytest.approx(0.6667 / 0.8, abs=1e-3) and tgt["fraction_met"] is False
+    assert tgt["best_baseline"] in ("random", "uniform") and tgt["separated"] == {"random": True, "uniform": True}
+    assert tgt["met"] is False
+    rows = _rows({"cacovid": [0.8, 0.8, 0.8], "random": [0.5, 0.4, 0.8]})
+    tgt = R.target_check(R.aggregate(rows, runs, [0.1], ["cacovid", "random"]))
+    assert tgt["fraction_met"] and not tgt["separated"]["random"] and not tgt["met"]  # seed ranges overlap
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def test_plots_write_pngs(tmp_path: Path) -> None:
+    runs = [
+        R.RunInfo(p.name, p, load_config(DEBUG_CONFIG), "", p / "policy", p / "metrics.jsonl")
+        for p in (_write_run(tmp_path / "a", 0), _write_run(tmp_path / "b", 1))
+    ]
+    assert R.plot_training(runs, tmp_path / "t.png").stat().st_size > 10_000
+    summary = R.training_summary(runs)
+    assert summary["a"]["updates"] == 40 and summary["a"]["eval"]["eval/cacovid@0.1"] == [[40.0, 0.6]]
+    rows = _rows({"cacovid": [0.8, 0.7], "random": [0.5, 0.4]})
+    acc = R.aggregate(rows, runs, [0.1], ["cacovid", "random"])
+    assert R.plot_accuracy(acc, [0.1], tmp_path / "a.png", "t").stat().st_size > 10_000
+    q = R.Question(
+        sample_id="s",
+        kind="colour",
+        question="What colour is the object in the top left ?",
+        answer="A",
+        frames=np.zeros((8, 64, 64, 3), dtype=np.uint8),
+        token_scores=np.random.default_rng(0).normal(size=(8, 16)),
+        frame_scores=np.zeros(8),
+        kept=[0, 17, 40],
+        oracle=[17, 33],
+        answers={"full": "A", "cacovid": "B"},
+    )
+    assert R.plot_heatmap(q, tmp_path / "h.png").stat().st_size > 10_000
+    assert R.grid_shape(16, 64, 64) == (4, 4) and R.grid_shape(196, 384, 384) == (14, 14)
+    assert R.grid_shape(6, 100, 300) == (1, 6) and R.grid_shape(12, 300, 400) == (3, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_report_end_to_end(tmp_path: Path) -> None:
+    """Two untrained "seeds" on a few synthetic questions: JSON, Markdown and PNGs, oracle included."""
+    from cacovid_rl.data.synthetic import make_synthetic
+    from cacovid_rl.models.loading import load_adapter
+    from cacovid_rl.policy.network import CacovidPolicy
+
+    data = tmp_path / "data"
+    make_synthetic(data, n=6, seed=5, fractions=(0.0, 0.0, 1.0))
+    cfg = load_config(DEBUG_CONFIG, [f"data.eval_path={data / 'test.json'}", f"data.video_root={data}"])
+    adapter = load_adapter(cfg.model)
+    for s in (0, 1):
+        run = _write_run(tmp_path / "runs" / f"seed{s}", s, with_config=False)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg.replace(seed=s).to_dict()))
+        torch.manual_seed(s)
+        CacovidPolicy.from_adapter(adapter).save_pretrained(run / "policy")
+    args = argparse.Namespace(run=str(tmp_path / "runs"), out="", retentions=[0.1, 0.5], heatmaps=2, quiet=True)
+    assert R.main(args) == 0
+    out = tmp_path / "runs" / "report"
+    rep = json.loads((out / "report.json").read_text())
+    n = len(json.loads((data / "test.json").read_text()))
+    assert rep["eval"]["n"] == n and [r["seed"] for r in rep["runs"]] == [0, 1]
+    table = rep["accuracy"]["all"]
+    assert set(table) >= {"full", "cacovid", "oracle", *R.BASELINES}
+    assert len(table["cacovid"]["0.1"]["per_seed"]) == 2 and rep["target"]["evaluated"]
+    md = (out / "report.md").read_text()
+    assert "| **cacovid** |" in md and "oracle" in md and "![heatmap](heatmap_0.png)" in md
+    for name in ("accuracy_vs_retention.png", "training_curves.png", "heatmap_0.png", "heatmap_1.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert R.main(argparse.Namespace(run=str(tmp_path / "nowhere"), out="")) == 2
