@@ -47,6 +47,7 @@ def init_ray(cfg: Config) -> bool:
         # Loopback only: Ray binds to 127.0.0.1 with this set (environment.md).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
+            address="local",  # a new instance, never another session's cluster on this machine
             num_cpus=cfg.cluster.num_cpus,
             object_store_memory=cfg.cluster.object_store_memory_mb * 1024 * 1024,
             include_dashboard=False,

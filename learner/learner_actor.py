@@ -62,20 +62,20 @@ class Learner:
     def _flat(self) -> tuple[np.ndarray, dict[str, Any]]:
         return self.updater.policy.flat_state()
 
-    def _remember(self, version: int) -> None:
-        """Keep the flat weights of the last ``max_staleness + 1`` versions (checkpointed for exact resume)."""
-        self.recent[version] = self._flat()[0].copy()
+    def _remember(self, version: int) -> np.ndarray:
+        """Flatten the policy once for ``version``; keep the last ``max_staleness + 1`` buffers (for exact resume)."""
+        flat, self._meta = self._flat()  # flat_state returns a fresh buffer: no copy needed
+        self.recent[version] = flat
         for v in [v for v in self.recent if v < version - self.cfg.learner.max_staleness]:
             del self.recent[v]
+        return flat
 
     def publish(self) -> WeightHandle:
-        flat, meta = self._flat()
-        return WeightHandle.publish(flat, meta, self.version)
+        return WeightHandle.publish(self.recent[self.version], self._meta, self.version)
 
     def publish_recent(self) -> dict[int, WeightHandle]:
         """All remembered versions (after a resume, in-flight batches need the older ones)."""
-        meta = self._flat()[1]
-        return {v: WeightHandle.publish(buf, meta, v) for v, buf in self.recent.items()}
+        return {v: WeightHandle.publish(buf, self._meta, v) for v, buf in self.recent.items()}
 
     def resume_state(self) -> dict[str, Any]:
         return dict(self.driver_state)
@@ -132,4 +132,4 @@ class Learner:
     def weights_checksum(self) -> str:
         from learner.weights import checksum
 
-        return checksum(self._flat()[0])
+        return checksum(self.recent[self.version])
