@@ -7,6 +7,7 @@ evaluated on the held-out split at several retentions against full tokens, the t
 (the synthetic data's ``meta.oracle_tokens``), an oracle reference. The report holds:
 
 - ``report.json``: every number (per seed, per method, per retention, per question kind), the target check;
+  ``per_question.json``: every question's reward under every (method, retention, seed), as a table;
 - ``report.md``: accuracy mean +- std over seeds per method and retention, per kind, the target verdict;
 - ``accuracy_vs_retention.png``, ``training_curves.png`` (reward, eval accuracy, rate, loss from
   ``metrics.jsonl``) and ``heatmap_<i>.png``: a few test questions' frames with the policy's token scores
@@ -563,10 +564,10 @@ def plot_training(runs: Sequence[RunInfo], path: Path) -> Path | None:
         )
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right" if ax is axes[0, 1] else "best")
     fig.suptitle(f"training curves ({len(runs)} seed(s); thin: per seed, bold: mean)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -748,6 +749,13 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
 # entry point
 
 
+def _compact(v: Any) -> Any:
+    """Rewards as ints when whole (most are 0/1), else rounded floats; None stays None."""
+    if v is None:
+        return None
+    return int(v) if float(v).is_integer() else round(float(v), 4)
+
+
 def _arg(args: argparse.Namespace, name: str, default: Any) -> Any:
     value = getattr(args, name, None)
     return default if value in (None, "", []) else value
@@ -823,8 +831,14 @@ def main(args: argparse.Namespace) -> int:
         plot_heatmap(q, out / name)
         images["heatmaps"].append(name)
     report["images"] = images
-    report["per_question"] = result["rows"]
+    report["per_question"] = "per_question.json"
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    columns = sorted({k for row in result["rows"] for k in row} - {"sample_id", "kind"})
+    table = {
+        "columns": ["sample_id", "kind", *columns],
+        "rows": [[row["sample_id"], row["kind"], *[_compact(row.get(c)) for c in columns]] for row in result["rows"]],
+    }
+    (out / "per_question.json").write_text(json.dumps(table, separators=(",", ":")) + "\n")
     (out / "report.md").write_text(markdown(report, images))
     n_png = 1 + len(images["heatmaps"]) + ("training" in images)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {n_png} PNGs")

@@ -245,6 +245,7 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert rep["eval"]["n"] == n and [r["seed"] for r in rep["runs"]] == [0, 1]
     table = rep["accuracy"]["all"]
     assert set(table) >= {"full", "cacovid", "oracle", *R.BASELINES}
+    assert len(json.loads((out / "per_question.json").read_text())["rows"]) == n
     assert len(table["cacovid"]["0.1"]["per_seed"]) == 2 and rep["target"]["evaluated"]
     md = (out / "report.md").read_text()
     assert "| **cacovid** |" in md and "oracle" in md and "![heatmap](heatmap_0.png)" in md
