@@ -633,7 +633,8 @@ def plot_heatmap(q: Question, path: Path, retention: float = TARGET_RETENTION) -
     answers = ", ".join(f"{k}: {v!r}" for k, v in q.answers.items())
     fig.suptitle(
         f"[{q.kind}] {q.question}   (answer {q.answer}; {answers})\n"
-        f"top: frames; bottom: policy keep probability, lime = kept at {retention:.0%}, white dashed = oracle tokens",
+        f"top: frames; bottom: policy keep probability, lime = kept at {retention:.0%}"
+        + (", white dashed = oracle tokens" if q.oracle is not None else ""),
         fontsize=8,
     )
     if im is not None:
