@@ -132,10 +132,11 @@ def cmd_train_tiny_vlm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(argv: list[str]) -> int:
+    from cacovid_rl.eval.report import build_parser as report_parser
     from cacovid_rl.eval.report import main as report_main
 
-    return report_main(args)
+    return report_main(report_parser().parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,14 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_tiny_vlm)
 
-    p = sub.add_parser("report", help="evaluation report (JSON + Markdown + PNG) for trained runs")
-    p.add_argument("--run", required=True, help="run directory (or a parent of several seeds' runs)")
-    p.add_argument("--out", default="", help="report directory (default: <run>/report)")
-    p.set_defaults(func=cmd_report)
+    # The report has its own parser (data layouts, retentions, baselines...): hand it the rest.
+    p = sub.add_parser(
+        "report", add_help=False, help="evaluation report (JSON + Markdown + PNG) over trained runs; see report --help"
+    )
+    p.add_argument("report_args", nargs=argparse.REMAINDER)  # main() hands these to the report's parser
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:  # the report owns its options (layouts, retentions, baselines, ...)
+        return cmd_report(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

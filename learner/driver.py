@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import yaml
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cacovid_rl.config import Config
@@ -143,6 +144,8 @@ def train(
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint under %s, starting fresh", ckpt_root)
 
+    # The resolved config beside the results: what reports and resumes read back.
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started_ray = init_ray(cfg)
     stop = _Stop()
     stop.install()

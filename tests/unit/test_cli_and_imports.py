@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cacovid_rl.cli import build_parser, main
+from cacovid_rl.cli import main
 
 SUBCOMMANDS = ["train", "eval", "answer", "blind-test", "make-synthetic", "train-tiny-vlm", "report"]
 
@@ -15,7 +15,7 @@ SUBCOMMANDS = ["train", "eval", "answer", "blind-test", "make-synthetic", "train
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_every_subcommand_has_help(sub: str, capsys):
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args([sub, "--help"])
+        main([sub, "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
 
