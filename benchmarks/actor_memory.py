@@ -39,16 +39,14 @@ from benchmarks.common import (
     MIB,
     REPO_ROOT,
     base_parser,
+    finish,
     fmt_bytes,
-    machine_info,
     new_figure,
-    png_path,
     print_table,
     qwen2_7b_config,
     resolve_model,
     setup_process,
     synthetic_data,
-    write_result,
 )
 
 BUDGETS_GIB = (1, 4, 16, 40, 70)
@@ -333,13 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "transients + the gathered embeddings).",
         "Chunk sizes: chunk_sizes.<width>.lengths.<sequence>.chunk.<budget GiB>; max_new_tokens 16.",
     ]
-    write_result(args.out, "actor_memory", quick=args.quick, machine=machine_info(args.device), config=config,
-                 results=results, notes=notes, started=started, argv=argv)  # fmt: skip
-    report(results)
-    if not args.no_plot:
-        plot(results, str(png_path(args.out)))
-    print(f"wrote {args.out}")
-    return results
+    return finish(args, "actor_memory", config=config, results=results, notes=notes, started=started, argv=argv,
+                  report=report, plot=plot)  # fmt: skip
 
 
 def argparse_hidden() -> str:

@@ -328,6 +328,17 @@ def png_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".png")
 
 
+def finish(args, benchmark: str, *, config, results, notes, started, argv, report, plot) -> dict:
+    """The common end of every benchmark: write the JSON, print the table, draw the PNG."""
+    write_result(args.out, benchmark, quick=args.quick, machine=machine_info(args.device), config=config,
+                 results=results, notes=notes, started=started, argv=argv)  # fmt: skip
+    report(results)
+    if not args.no_plot:
+        plot(results, str(png_path(args.out)))
+    print(f"wrote {args.out}")
+    return results
+
+
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
     """A matplotlib figure (Agg backend) with ``ncols`` axes."""
     import matplotlib

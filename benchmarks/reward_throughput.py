@@ -39,16 +39,14 @@ from benchmarks.common import (
     REPO_ROOT,
     Stats,
     base_parser,
-    machine_info,
+    finish,
     measure_interleaved,
     new_figure,
-    png_path,
     print_table,
     resolve_model,
     save_figure,
     setup_process,
     synthetic_data,
-    write_result,
 )
 from cacovid_rl.config import load_config
 from cacovid_rl.data.prompts import build_prompt
@@ -324,13 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     if source.startswith("fallback"):
         notes.append("Model: a tiny RANDOM LLaVA-OV (the shipped trained model was missing when this ran).")
-    write_result(args.out, "reward_throughput", quick=args.quick, machine=machine_info(args.device), config=config,
-                 results=results, notes=notes, started=started, argv=argv)  # fmt: skip
-    report(results)
-    if not args.no_plot:
-        plot(results, str(png_path(args.out)))
-    print(f"wrote {args.out}")
-    return results
+    return finish(args, "reward_throughput", config=config, results=results, notes=notes, started=started, argv=argv,
+                  report=report, plot=plot)  # fmt: skip
 
 
 def report(res: dict[str, Any]) -> None:

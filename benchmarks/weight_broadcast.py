@@ -35,18 +35,17 @@ from benchmarks.common import (
     Stats,
     base_parser,
     default_dtype,
+    finish,
     fmt_bytes,
     local_ray,
     machine_info,
     new_figure,
     param_count,
-    png_path,
     print_table,
     qwen2_7b_config,
     resolve_model,
     save_figure,
     setup_process,
-    write_result,
 )
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.worker import RewardWorker
@@ -203,13 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "to_all_s = learner flatten + put + checksum + the slowest actor's fetch/verify/load (actors idle).",
         "sync_latency_s is the library's metric (starts at handle.published_at, i.e. after put + checksum).",
     ]
-    write_result(args.out, "weight_broadcast", quick=args.quick, machine=machine_info(args.device), config=config,
-                 results=results, notes=notes, started=started, argv=argv)  # fmt: skip
-    report(results)
-    if not args.no_plot:
-        plot(results, str(png_path(args.out)))
-    print(f"wrote {args.out}")
-    return results
+    return finish(args, "weight_broadcast", config=config, results=results, notes=notes, started=started, argv=argv,
+                  report=report, plot=plot)  # fmt: skip
 
 
 def report(res: dict[str, Any]) -> None:
