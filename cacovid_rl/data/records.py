@@ -71,7 +71,9 @@ def extract_answer(solution: str) -> str:
     return (m.group(1) if m else solution).strip()
 
 
-class _Skip(Exception):
+class _Skip(ValueError):
+    """An unusable record: the reason it is skipped (counted by the loader) and a message naming index + field."""
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cacovid_rl.config import Config
-from cacovid_rl.data.records import QARecord
+from cacovid_rl.data.records import QARecord, parse_record, record_to_dict
 from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
@@ -35,27 +35,11 @@ class WorkItem:
 
     @staticmethod
     def record_to_dict(rec: QARecord) -> dict[str, Any]:
-        return {
-            "sample_id": rec.sample_id,
-            "problem": rec.problem,
-            "answer": rec.answer,
-            "solution": rec.solution,
-            "problem_type": rec.problem_type,
-            "video": str(rec.video),
-            "options": list(rec.options),
-        }
+        """The record in the loader's own JSON schema (absolute video path), so one parser reads it back."""
+        return record_to_dict(rec)
 
     def to_record(self) -> QARecord:
-        r = self.record
-        return QARecord(
-            sample_id=r["sample_id"],
-            problem=r["problem"],
-            answer=r["answer"],
-            solution=r["solution"],
-            problem_type=r["problem_type"],
-            video=Path(r["video"]),
-            options=tuple(r["options"]),
-        )
+        return parse_record(self.record, self.index, Path("/"), check_videos=False)
 
 
 class RewardWorker:
@@ -87,7 +71,7 @@ class RewardWorker:
         status: dict[str, Any] = {
             "index": item.index,
             "batch_index": item.batch_index,
-            "sample_id": item.record["sample_id"],
+            "sample_id": str(item.record["problem_id"]),
             "actor_id": self.actor_id,
             "weight_version": self.version,
         }
