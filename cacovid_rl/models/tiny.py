@@ -73,6 +73,28 @@ def _finish(model: Any, tok: PreTrainedTokenizerFast, init_std: float | None) ->
     return model.eval()
 
 
+def patch_local_llava_config(
+    tokenizer: PreTrainedTokenizerFast,
+    vision: SiglipVisionConfig,
+    text: Qwen2Config,
+    image_size: int,
+    **extra: Any,
+) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision config whose video tokens are patch-local: features come from SigLIP's embedding
+    output (``vision_feature_layer=-2`` with one layer), so an object's colour stays in its own tokens
+    instead of spreading over the frame (environment.md), and no CLS token is dropped (``full``)."""
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[image_size, image_size]],
+        **extra,
+    )
+
+
 def tiny_llava_onevision_model(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -95,15 +117,7 @@ def tiny_llava_onevision_model(
         patch_size=patch_size,
     )
     text = Qwen2Config(**_text_kwargs(tokenizer, hidden_size, num_layers))
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[image_size, image_size]],
-    )
+    config = patch_local_llava_config(tokenizer, vision, text, image_size)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, init_std)

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
     BatchFeature,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2Config,
     SiglipVisionConfig,
@@ -48,6 +47,7 @@ from transformers import (
 
 from cacovid_rl.data import synthetic
 from cacovid_rl.data.prompts import INSTRUCTIONS, build_prompt, chat_text
+from cacovid_rl.models.tiny import patch_local_llava_config
 from cacovid_rl.models.tokenizer import build_word_tokenizer
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm"
@@ -276,16 +276,7 @@ def build_tiny_vlm(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[spec.frame_size, spec.frame_size]],
-        tie_word_embeddings=True,
-    )
+    config = patch_local_llava_config(tokenizer, vision, text, spec.frame_size, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
