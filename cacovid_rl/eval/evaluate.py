@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cacovid_rl.baselines.base import ORACLE, SelectionContext, get_selector
@@ -192,7 +191,3 @@ def write_eval_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Pat
     flat, rows = flatten_eval(result)
     return json_path, png_path, flat, rows
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std())
