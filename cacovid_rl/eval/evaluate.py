@@ -190,4 +190,3 @@ def write_eval_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Pat
     png_path = plot_accuracy(result, out_dir / f"eval_{tag}.png", title=f"policy version {result.get('version', 0)}")
     flat, rows = flatten_eval(result)
     return json_path, png_path, flat, rows
-
