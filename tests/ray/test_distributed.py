@@ -173,7 +173,7 @@ def test_elastic_pool_grows_and_shrinks_with_nodes(tmp_path: Path, synthetic_dir
     extra = cluster.add_reward_node()
     wait_for(lambda: read_metrics(tmp_path)[-1]["pool/ready"] == 2, 300, "the pool to grow")
     grown_at = len(read_metrics(tmp_path))
-    wait_for(lambda: len(read_metrics(tmp_path)) >= grown_at + 8, 300, "updates on two nodes")
+    wait_for(lambda: len(read_metrics(tmp_path)) >= grown_at + 12, 300, "updates on two nodes")
     cluster.remove_node(extra)
     wait_for(lambda: read_metrics(tmp_path)[-1]["pool/size"] == 1, 300, "the pool to shrink")
     shrunk_at = len(read_metrics(tmp_path))
@@ -185,6 +185,7 @@ def test_elastic_pool_grows_and_shrinks_with_nodes(tmp_path: Path, synthetic_dir
     assert sorted(consumed) == list(range(summary["version"] * cfg.learner.questions_per_step))
     rows = read_metrics(tmp_path)
     one = [r["timing/step"] for r in rows[1:grown_at] if r["pool/ready"] == 1]
-    two = [r["timing/step"] for r in rows[grown_at : grown_at + 8]]
-    # Throughput with two actors beats one (time per update drops), measured in the same run.
-    assert np.mean(two) < np.mean(one), (one, two)
+    two = [r["timing/step"] for r in rows[grown_at : grown_at + 12]]
+    # Throughput with two actors beats one (time per update drops), measured in the same run. Medians, so one
+    # slow update (a checkpoint write, another process on these 2 cores) cannot decide it; it once did with means.
+    assert np.median(two) < np.median(one), (one, two)
