@@ -87,6 +87,7 @@ class Counters:
     duplicates: int = 0
     actor_failures: int = 0
     hung_restarts: int = 0
+    lost_payloads: int = 0
     consumed_indices: list[int] = field(default_factory=list)
 
     def as_metrics(self) -> dict[str, float]:
@@ -251,6 +252,17 @@ def train(
             if update_ref is not None and update_ref in ready:
                 res = ray.get(update_ref, timeout=cfg.cluster.call_timeout_s)
                 update_ref = None
+                if "lost" in res:
+                    # Trajectories stored on a node that left after its rollout: roll those questions out again.
+                    ok_indices = [g for g in sorted(results[version]) if results[version][g][0]["status"] == "ok"]
+                    for pos in res["lost"]:
+                        g = ok_indices[pos]
+                        del results[version][g]
+                        queue.appendleft(cursor.item(g, version))
+                        counters.lost_payloads += 1
+                        counters.redispatched += 1
+                    log.warning("batch %d: %d trajectories lost with a node, re-dispatched", version, len(res["lost"]))
+                    continue
                 batch = results.pop(version)
                 counters.consumed += len(batch)
                 counters.consumed_indices.extend(sorted(batch))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ObjectLostError
 
 from cacovid_rl.config import Config, from_dict
 from cacovid_rl.models.loading import load_adapter
@@ -82,9 +83,21 @@ class Learner:
 
     # -- update --------------------------------------------------------------------------------
     def update(self, statuses: list[dict[str, Any]], payload_refs: list[ray.ObjectRef]) -> dict[str, Any]:
-        """One policy update on one batch of questions (ordered by data index); bumps the version."""
+        """One policy update on one batch of questions (ordered by data index); bumps the version.
+
+        If a trajectory cannot be fetched (its object lived on a node that has since left the cluster),
+        nothing is updated: the positions of the lost payloads come back as ``{"lost": [...]}`` so the
+        driver re-dispatches those questions and submits the batch again.
+        """
         t0 = time.perf_counter()
-        payloads = ray.get(payload_refs, timeout=600) if payload_refs else []
+        payloads, lost = [], []
+        for i, ref in enumerate(payload_refs):
+            try:
+                payloads.append(ray.get(ref, timeout=600))
+            except ObjectLostError:
+                lost.append(i)  # its node left the cluster after the rollout finished: the driver re-runs it
+        if lost:
+            return {"lost": lost, "version": self.version}
         trajs = [Trajectory.from_bytes(p) for p in payloads]
         fresh = [t for t in trajs if self.version - t.weight_version <= self.cfg.learner.max_staleness]
         t1 = time.perf_counter()

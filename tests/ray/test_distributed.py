@@ -120,6 +120,29 @@ def test_killed_actor_and_removed_node_lose_no_work(tmp_path: Path, synthetic_di
     assert len(set(counters["consumed_indices"])) == len(counters["consumed_indices"])
 
 
+def test_update_reports_trajectories_lost_with_their_node(tmp_path: Path, synthetic_dir: Path, simulated_cluster):
+    """A node can leave after its rollout finished but before the learner fetched the trajectory (seen in CI):
+    the update must not fail or train on a partial batch; it names the lost ones so the driver re-runs them."""
+    import ray
+
+    from learner.learner_actor import Learner
+
+    cluster = simulated_cluster(1)
+    cfg = make_cfg(tmp_path, synthetic_dir, *CLUSTER_OVERRIDES)
+
+    @ray.remote(num_cpus=0, resources={"reward_actor": 1}, max_retries=0)
+    def trajectory_on_reward_node() -> bytes:
+        return b"x" * (2 * 1024 * 1024)  # large enough for the node's object store, not inlined
+
+    ref = trajectory_on_reward_node.remote()
+    ray.wait([ref], fetch_local=False)
+    learner = ray.remote(Learner).options(num_cpus=0, resources={"learner": 1}).remote(cfg.to_dict(), None)
+    cluster.remove_node(cluster.nodes[0])
+    res = ray.get(learner.update.remote([{"status": "ok"}], [ref]), timeout=120)
+    assert res == {"lost": [0], "version": 0}
+    ray.kill(learner)
+
+
 def test_hung_actor_is_restarted_and_its_work_redispatched(local_ray, tmp_path: Path, synthetic_dir: Path):
     import ray
 
