@@ -169,6 +169,7 @@ def train(
     actor_stats: dict[str, dict[str, Any]] = {}
     next_batch = version
     update_ref = None
+    update_indices: list[int] = []  # data indices of the payloads the in-flight update was given, in order
     eval_ref = None
     t_last = time.perf_counter()
 
@@ -211,8 +212,8 @@ def train(
                     )
             # 4. Update on the oldest batch once it is complete (strictly in order).
             if update_ref is None and len(results.get(version, {})) == qps:
-                entries = [results[version][g] for g in sorted(results[version])]
-                oks = [(s, p) for s, p in entries if s["status"] == "ok"]
+                update_indices = [g for g in sorted(results[version]) if results[version][g][0]["status"] == "ok"]
+                oks = [results[version][g] for g in update_indices]
                 update_ref = learner.update.remote([s for s, _ in oks], [p for _, p in oks])
                 log.debug("update on batch %d (%d questions)", version, len(oks))
             # 5. Collect whatever finished.
@@ -254,9 +255,8 @@ def train(
                 update_ref = None
                 if "lost" in res:
                     # Trajectories stored on a node that left after its rollout: roll those questions out again.
-                    ok_indices = [g for g in sorted(results[version]) if results[version][g][0]["status"] == "ok"]
                     for pos in res["lost"]:
-                        g = ok_indices[pos]
+                        g = update_indices[pos]
                         del results[version][g]
                         queue.appendleft(cursor.item(g, version))
                         counters.lost_payloads += 1

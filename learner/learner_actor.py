@@ -90,13 +90,16 @@ class Learner:
         driver re-dispatches those questions and submits the batch again.
         """
         t0 = time.perf_counter()
-        payloads, lost = [], []
-        for i, ref in enumerate(payload_refs):
-            try:
-                payloads.append(ray.get(ref, timeout=600))
-            except ObjectLostError:
-                lost.append(i)  # its node left the cluster after the rollout finished: the driver re-runs it
-        if lost:
+        try:
+            payloads = ray.get(payload_refs, timeout=600) if payload_refs else []  # one concurrent fetch
+        except ObjectLostError:
+            # A node left after its rollout finished; find which payloads went with it (the driver re-runs them).
+            lost = []
+            for i, ref in enumerate(payload_refs):
+                try:
+                    ray.get(ref, timeout=600)
+                except ObjectLostError:
+                    lost.append(i)
             return {"lost": lost, "version": self.version}
         trajs = [Trajectory.from_bytes(p) for p in payloads]
         fresh = [t for t in trajs if self.version - t.weight_version <= self.cfg.learner.max_staleness]
