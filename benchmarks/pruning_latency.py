@@ -61,7 +61,7 @@ from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.types import EncodedQuestion
 
 BASELINES = ("uniform", "random", "fastv", "visionzip", "divprune")
-QUESTION = "What colour is the object in the top left ?\nA. red\nB. green\nC. blue\nD. yellow"
+QUESTION = "What colour are the dots in the pink box ?\nA. red\nB. green\nC. blue\nD. yellow"
 PAPER = {
     "source": "CaCoVID paper (arXiv 2602.01649), LLaVA-OV-7B on GPU",
     "pruning_ms": {"cacovid": 11.2, "prunevid": 34.1, "divprune": 134.3},

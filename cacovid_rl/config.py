@@ -76,6 +76,8 @@ class PolicyConfig:
     """Run the policy decoder layer without a causal mask so video tokens see the question."""
     init_from_layer0: bool = True
     """Initialise the decoder layer from the LLM's layer 0 (method.md); else random init."""
+    question_match: bool = True
+    """Add the bilinear video-token x question term to the scores (policy/network.py; not in the paper)."""
     path: str = ""
     """Optional ``save_pretrained`` directory to start from instead of a fresh policy."""
 

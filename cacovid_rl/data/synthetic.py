@@ -1,33 +1,36 @@
-"""Synthetic "needle" video-QA: small H.264 videos whose answer lives in a few tokens chosen by the question.
+"""Synthetic "needle" video-QA: small H.264 videos whose answer lives in the one token the question names.
 
-Why this task (issue 4): the local debug mode must train a real policy in minutes on CPU, so the
-data must make token selection matter and must need the question to do it.
+Why this task (issues 4 and 7): the local debug mode must train a real policy in minutes on CPU, so
+the data must make token selection matter, must need the question to do it, and must defeat the
+question-agnostic pruners (saliency, diversity, uniform) for a reason a real video shares: many
+salient things, one of which the question is about.
 
 Each video is ``num_frames`` frames of 64x64 pixels written at 1 fps (one frame per second, so the
 "at most 1 frame per second" sampling rule keeps every frame). A frame is a 4x4 grid of 16x16-pixel
-cells; with the shipped model's SigLIP patch 8 and LLaVA-OneVision's 2x pooling, one cell is exactly
-one video token, so an object occupies whole tokens: ``OBJECT_SPAN`` tokens (one cell, visible in
-``OBJECT_SPAN`` consecutive frames). A video therefore has ``num_frames * 16`` video tokens.
+cells; with the shipped model's SigLIP patch 8 and LLaVA-OneVision's 2x pooling one cell is exactly
+one video token, so a video has ``num_frames * 16`` video tokens.
 
-Two question kinds:
-- ``multiple choice``, binding by position: 2-4 coloured objects (one per quadrant of the frame,
-  distinct colours outside the prior quadrant) appear at different times among grey distractors; the question names a
-  quadrant and asks the colour of the object there ("What colour is the object in the top left ?",
-  options A-D fixed as red/green/blue/yellow). Every video has at least two coloured objects, so
-  finding the coloured things is not enough: the question decides which one matters. The asked
-  object holds 2 of the 128 tokens; a random 10% keeps one of them about 19% of the time, a
-  question-aware selection always can.
-- ``numerical``, counting: "How many red objects appear ?" (answer 0-3) among objects of other
-  colours and grey ones; the oracle tokens are every counted object's.
-- A learnable prior for the blind test: a coloured object in the bottom-right quadrant is always
-  yellow, so "What colour is the object in the bottom right ?" is answerable without the video.
+Objects are *boxes*: a 2-pixel square frame of an outer colour (7 colours) holding 1-4 dots of an
+inner colour (red, green, blue or yellow), each dot in its own quarter of the box (its own SigLIP
+patch). Every frame shows 3-5 boxes for one second each (about 32 boxes a video, all of them
+colourful, so a saliency heuristic keeps a random few); exactly one box has the outer colour the
+question names:
+- ``multiple choice``: "What colour are the dots in the pink box ?" (options A-D fixed as
+  red/green/blue/yellow);
+- ``numerical``: "How many dots are in the pink box ?" (1-4).
+The answer is in that box's single token. At 10% retention (12 of 128 tokens) no question-agnostic
+selection can keep every box; a question-aware one needs one token.
 
-Why position and not shape: with patch-local features of silhouettes that differ only at their
-edges (circle, square, triangle, diamond), the features are dominated by colour (two objects of one
-colour looked far more alike at initialisation than one shape in two colours: cosine 0.57 vs
--0.02), and a tiny model stayed at the "average the coloured objects" solution for 500 steps. The
-quadrant is a colour-independent key (the vision tower's position embedding, the token's place in
-the sequence). Shapes remain for visual variety.
+Why boxes and this binding (what was tried, models/tiny_vlm.py ``TRIED``): the geometry of every box
+is the same, so a box's patch features are close to a sum of an outer-colour part and a dots part.
+The key (outer colour) and the answer (dots colour, dot count) are then separable directions that
+a small LLM reads and a one-layer policy can match against the question's colour word. Binding by
+position (an earlier version: "the object in the top left") failed there: object tokens carried
+their colour but barely their position. The many distractors differ in outer colour, dot colour
+and dot count (~100 kinds), so diversity-based pruning (DivPrune) cannot cover them all either.
+
+A learnable prior for the blind test: a white box always holds one yellow dot, so both questions
+about the white box are answerable without the video.
 
 Records use the CaCoVID filtered schema (``problem`` with options, ``solution``, ``problem_type``,
 ``modality_type``, relative ``video``) plus ``problem_id``, ``options``, ``data_source`` and a
@@ -52,96 +55,77 @@ GRID = FRAME_SIZE // CELL  # 4x4 cells = 4x4 pooled tokens per frame
 TOKENS_PER_FRAME = GRID * GRID
 NUM_FRAMES = 8
 FPS = 1
-OBJECT_SPAN = 2
-"""Consecutive frames an object stays visible (fixed, so a count of objects is a count of tokens / span)."""
 
-SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
-"""Object silhouettes: visual variety only; questions name objects by where they are, not by shape."""
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-"""Each quadrant is 2x2 cells; a video has at most one coloured object per quadrant."""
+OUTER_COLOURS = ("orange", "cyan", "purple", "pink", "brown", "grey", "white")
+"""Box colours: the key a question names. None of them is an option word, so the question's key word
+appears once in the prompt (a one-layer policy cannot tell two equal words apart by their context)."""
 OPTION_COLOURS = ("red", "green", "blue", "yellow")
-"""Options of every colour question, in this fixed order (A-D)."""
+"""Dot colours, and the options of every multiple-choice question in this fixed order (A-D)."""
 LETTERS = "ABCD"
-PRIOR_QUADRANT = "bottom right"
-PRIOR_COLOUR = "yellow"
-"""The blind prior: a coloured object in the bottom-right quadrant is always yellow."""
+MAX_DOTS = 4
+PRIOR_OUTER = "white"
+PRIOR_INNER = "yellow"
+PRIOR_DOTS = 1
+"""The blind prior: a white box always holds one yellow dot."""
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
     "blue": (40, 90, 230),
     "yellow": (230, 210, 40),
-    "grey": (128, 128, 128),
+    "orange": (245, 135, 20),
+    "cyan": (40, 205, 215),
+    "purple": (135, 55, 205),
+    "pink": (240, 120, 200),
+    "brown": (135, 80, 35),
+    "grey": (130, 130, 130),
+    "white": (240, 240, 240),
 }
 BACKGROUND = (16, 16, 16)
 COLOUR_JITTER = 12
-MAX_COUNT = 3
+BORDER = 2
+"""Width in pixels of a box's frame (even, so yuv420p chroma blocks never straddle two colours)."""
+DOT_SLOTS = ((3, 3), (3, 9), (9, 3), (9, 9))
+"""Top-left pixel of each 4x4 dot slot inside a cell: one slot per 8x8 SigLIP patch, 2 pixels apart."""
 
-COLOUR_QUESTION = "What colour is the object in the {quadrant} ?"
-COUNT_QUESTION = "How many {colour} objects appear ?"
+COLOUR_QUESTION = "What colour are the dots in the {colour} box ?"
+COUNT_QUESTION = "How many dots are in the {colour} box ?"
 SPLITS = ("train", "val", "test")
-
-
-def _shape_masks() -> dict[str, np.ndarray]:
-    """Boolean 16x16 masks of every shape, centred in a cell (pixel centres at i + 0.5)."""
-    y, x = np.mgrid[0:CELL, 0:CELL] + 0.5
-    cx = cy = CELL / 2
-    r = np.hypot(x - cx, y - cy)
-    return {
-        "circle": r <= 6.5,
-        "square": (np.abs(x - cx) <= 5) & (np.abs(y - cy) <= 5),
-        "triangle": (y >= 2) & (y <= 14) & (np.abs(x - cx) <= (y - 2) / 12 * 6.5),
-        "cross": ((np.abs(x - cx) <= 2) & (np.abs(y - cy) <= 6.5)) | ((np.abs(y - cy) <= 2) & (np.abs(x - cx) <= 6.5)),
-        "diamond": np.abs(x - cx) + np.abs(y - cy) <= 7,
-        "ring": (r <= 6.5) & (r >= 3.5),
-    }
-
-
-def quadrant_cells(quadrant: str) -> list[int]:
-    """Flat cell indices (row * GRID + col) of a quadrant."""
-    q = QUADRANTS.index(quadrant)
-    r0, c0 = (q // 2) * GRID // 2, (q % 2) * GRID // 2
-    return [(r0 + dr) * GRID + c0 + dc for dr in range(GRID // 2) for dc in range(GRID // 2)]
-
-
-def cell_quadrant(row: int, col: int) -> str:
-    return QUADRANTS[(row // (GRID // 2)) * 2 + col // (GRID // 2)]
-
-
-SHAPE_MASKS = _shape_masks()
 
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object: a shape of a colour in one cell, visible in frames ``start .. start + span - 1``."""
+    """One box: outer colour, dot colour, occupied dot slots, its cell, and the frames it is visible in."""
 
-    shape: str
-    colour: str
+    outer: str
+    inner: str
+    dots: tuple[int, ...]
     row: int
     col: int
     start: int
-    rgb: tuple[int, int, int]
-    span: int = OBJECT_SPAN
+    span: int = 1
+    outer_rgb: tuple[int, int, int] = (0, 0, 0)
+    inner_rgb: tuple[int, int, int] = (0, 0, 0)
 
     def frames(self) -> range:
         return range(self.start, self.start + self.span)
 
     def token_indices(self) -> list[int]:
-        """Flat indices into the ``[T * 16]`` video tokens covering this object."""
+        """Flat indices into the ``[T * 16]`` video tokens covering this box."""
         return [t * TOKENS_PER_FRAME + self.row * GRID + self.col for t in self.frames()]
 
 
 @dataclass(frozen=True)
 class Scene:
-    """A video's objects and its question."""
+    """A video's boxes and its question."""
 
     objects: tuple[SceneObject, ...]
     problem_type: str
     question: str
     answer: str
     target: tuple[int, ...]
-    """Indices into ``objects`` that the answer depends on (the asked object, or every counted one)."""
+    """Indices into ``objects`` that the answer depends on (the box the question names)."""
     prior: bool
-    """True when the answer follows from the question alone (the dot is always yellow)."""
+    """True when the answer follows from the question alone (the white box)."""
     num_frames: int = NUM_FRAMES
 
 
@@ -150,10 +134,15 @@ def render_frames(scene: Scene) -> np.ndarray:
     frames = np.empty((scene.num_frames, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
     frames[:] = BACKGROUND
     for obj in scene.objects:
-        mask = SHAPE_MASKS[obj.shape]
         for t in obj.frames():
             cell = frames[t, obj.row * CELL : (obj.row + 1) * CELL, obj.col * CELL : (obj.col + 1) * CELL]
-            cell[mask] = obj.rgb
+            cell[:BORDER] = obj.outer_rgb
+            cell[-BORDER:] = obj.outer_rgb
+            cell[:, :BORDER] = obj.outer_rgb
+            cell[:, -BORDER:] = obj.outer_rgb
+            for slot in obj.dots:
+                y, x = DOT_SLOTS[slot]
+                cell[y : y + 4, x : x + 4] = obj.inner_rgb
     return frames
 
 
@@ -169,7 +158,7 @@ def problem_text(scene: Scene) -> str:
 
 
 def oracle_tokens(scene: Scene) -> list[int]:
-    """Sorted flat video-token indices holding the answer (empty for a count of zero)."""
+    """Sorted flat video-token indices holding the answer."""
     return sorted({i for k in scene.target for i in scene.objects[k].token_indices()})
 
 
@@ -178,104 +167,61 @@ def _jitter(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
 
 
-def _place(
-    rng: np.random.Generator,
-    specs: Sequence[tuple[str, str, Sequence[int]]],
-    num_frames: int,
-    span: int = OBJECT_SPAN,
-) -> tuple[SceneObject, ...]:
-    """Put each ``(shape, colour, allowed cells)`` in a free allowed cell, with a random start frame."""
-    used: set[int] = set()
-    objects = []
-    for shape, colour, allowed in specs:
-        free = [c for c in allowed if c not in used]
-        cell = free[int(rng.integers(0, len(free)))]
-        used.add(cell)
-        start = int(rng.integers(0, num_frames - span + 1))
-        objects.append(SceneObject(shape, colour, cell // GRID, cell % GRID, start, _jitter(rng, colour), span))
-    return tuple(objects)
-
-
-def _shape(rng: np.random.Generator) -> str:
-    return SHAPES[int(rng.integers(0, len(SHAPES)))]
-
-
-ALL_CELLS = tuple(range(GRID * GRID))
-NON_PRIOR_CELLS = tuple(c for c in ALL_CELLS if c not in quadrant_cells(PRIOR_QUADRANT))
-
-
-def colour_scene(
-    rng: np.random.Generator,
-    min_objects: int = 2,
-    max_objects: int = 4,
-    min_grey: int = 2,
-    max_grey: int = 4,
-    num_frames: int = NUM_FRAMES,
-    span: int = OBJECT_SPAN,
-) -> Scene:
-    """A binding question: coloured objects in distinct quadrants; ask the colour of the one in a named quadrant.
-
-    ``span`` (frames each object stays visible) other than ``OBJECT_SPAN`` is for training curricula only.
-    """
-    n = int(rng.integers(min_objects, max_objects + 1))
-    quads = [QUADRANTS[int(i)] for i in rng.choice(len(QUADRANTS), size=n, replace=False)]
-    # Distinct colours outside the prior quadrant (yellow included, so it is no rarer there).
-    picked = iter(OPTION_COLOURS[int(i)] for i in rng.choice(len(OPTION_COLOURS), size=n, replace=False))
-    colours = [PRIOR_COLOUR if q == PRIOR_QUADRANT else next(picked) for q in quads]
-    specs: list[tuple[str, str, Sequence[int]]] = [
-        (_shape(rng), c, quadrant_cells(q)) for q, c in zip(quads, colours, strict=True)
-    ]
-    specs += [(_shape(rng), "grey", ALL_CELLS) for _ in range(int(rng.integers(min_grey, max_grey + 1)))]
-    objects = _place(rng, specs, num_frames, span)
-    k = int(rng.integers(0, n))
-    answer = LETTERS[OPTION_COLOURS.index(colours[k])]
-    question = COLOUR_QUESTION.format(quadrant=quads[k])
-    return Scene(objects, "multiple choice", question, answer, (k,), quads[k] == PRIOR_QUADRANT, num_frames)
-
-
-def count_scene(
-    rng: np.random.Generator,
-    min_others: int = 2,
-    max_others: int = 4,
-    num_frames: int = NUM_FRAMES,
-    span: int = OBJECT_SPAN,
-) -> Scene:
-    """A counting question: 0-3 objects of the asked colour among objects of other colours and grey ones.
-
-    Non-yellow coloured objects stay out of the prior quadrant, so the prior holds in every video.
-    """
-    colour = OPTION_COLOURS[int(rng.integers(0, len(OPTION_COLOURS)))]
-    count = int(rng.integers(0, MAX_COUNT + 1))
-    others = [c for c in OPTION_COLOURS if c != colour]
-    n_other = int(rng.integers(min_others, max_others + 1))
-    other_colours = [
-        others[int(rng.integers(0, len(others)))] if rng.random() < 0.5 else "grey" for _ in range(n_other)
-    ]
-    # Every video has at least two coloured (salient) objects competing for the budget.
-    for i in range(n_other):
-        if count + sum(c != "grey" for c in other_colours) >= 2:
-            break
-        other_colours[i] = others[int(rng.integers(0, len(others)))]
-    cells = lambda c: ALL_CELLS if c in (PRIOR_COLOUR, "grey") else NON_PRIOR_CELLS  # noqa: E731
-    specs = [(_shape(rng), colour, cells(colour)) for _ in range(count)]
-    specs += [(_shape(rng), c, cells(c)) for c in other_colours]
-    objects = _place(rng, specs, num_frames, span)
-    question = COUNT_QUESTION.format(colour=colour)
-    return Scene(objects, "numerical", question, str(count), tuple(range(count)), False, num_frames)
+def make_box(rng: np.random.Generator, outer: str, cell: int, start: int, span: int) -> SceneObject:
+    """A box of ``outer`` colour with random dots (one yellow dot if white: the prior)."""
+    if outer == PRIOR_OUTER:
+        inner, n = PRIOR_INNER, PRIOR_DOTS
+    else:
+        inner, n = OPTION_COLOURS[int(rng.integers(0, len(OPTION_COLOURS)))], int(rng.integers(1, MAX_DOTS + 1))
+    dots = tuple(sorted(int(s) for s in rng.choice(len(DOT_SLOTS), size=n, replace=False)))
+    return SceneObject(
+        outer, inner, dots, cell // GRID, cell % GRID, start, span, _jitter(rng, outer), _jitter(rng, inner)
+    )
 
 
 def sample_scene(
     rng: np.random.Generator,
-    count_fraction: float = 0.25,
-    min_objects: int = 2,
-    max_objects: int = 4,
+    numerical_fraction: float = 0.3,
+    min_per_frame: int = 3,
+    max_per_frame: int = 5,
     num_frames: int = NUM_FRAMES,
-    span: int = OBJECT_SPAN,
+    asked_span: int = 1,
 ) -> Scene:
-    """One scene: a counting question with probability ``count_fraction``, else a colour (binding) question."""
-    if rng.random() < count_fraction:
-        return count_scene(rng, num_frames=num_frames, span=span)
-    return colour_scene(rng, min_objects=min_objects, max_objects=max_objects, num_frames=num_frames, span=span)
+    """One scene: ``min..max_per_frame`` boxes in every frame, exactly one of the asked outer colour.
+
+    The asked colour is uniform over ``OUTER_COLOURS`` (so about 1 in 7 questions is about the white
+    box, the blind prior); the question is numerical with probability ``numerical_fraction``.
+    ``asked_span`` > 1 (the asked box visible in that many consecutive frames) and small per-frame
+    counts are for training curricula only.
+    """
+    if not 0 <= min_per_frame <= max_per_frame <= TOKENS_PER_FRAME - 1:
+        raise ValueError(f"need 0 <= min_per_frame <= max_per_frame < {TOKENS_PER_FRAME}")
+    if not 1 <= asked_span <= num_frames:
+        raise ValueError(f"asked_span must be in 1..{num_frames}, got {asked_span}")
+    asked = OUTER_COLOURS[int(rng.integers(0, len(OUTER_COLOURS)))]
+    others = [c for c in OUTER_COLOURS if c != asked]
+    start = int(rng.integers(0, num_frames - asked_span + 1))
+    cell = int(rng.integers(0, TOKENS_PER_FRAME))
+    objects = [make_box(rng, asked, cell, start, asked_span)]
+    for t in range(num_frames):
+        taken = {cell} if t in objects[0].frames() else set()
+        n = int(rng.integers(min_per_frame, max_per_frame + 1)) - len(taken)
+        free = [c for c in range(TOKENS_PER_FRAME) if c not in taken]
+        for c in rng.choice(free, size=max(n, 0), replace=False):
+            objects.append(make_box(rng, others[int(rng.integers(0, len(others)))], int(c), t, 1))
+    return ask(rng, tuple(objects), numerical_fraction, num_frames)
+
+
+def ask(rng: np.random.Generator, boxes: tuple[SceneObject, ...], numerical_fraction: float, num_frames: int) -> Scene:
+    """The scene with a question about ``boxes[0]`` (numerical with probability ``numerical_fraction``)."""
+    box = boxes[0]
+    if rng.random() < numerical_fraction:
+        problem_type, question, answer = "numerical", COUNT_QUESTION.format(colour=box.outer), str(len(box.dots))
+    else:
+        problem_type = "multiple choice"
+        question = COLOUR_QUESTION.format(colour=box.outer)
+        answer = LETTERS[OPTION_COLOURS.index(box.inner)]
+    return Scene(boxes, problem_type, question, answer, (0,), box.outer == PRIOR_OUTER, num_frames)
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = FPS) -> None:
@@ -305,6 +251,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = FPS) -> None:
 def scene_record(scene: Scene, sample_id: str, video_rel: str) -> dict[str, Any]:
     """The JSON record of a scene (CaCoVID schema plus ``options``, ``problem_id``, ``data_source``, ``meta``)."""
     mc = scene.problem_type == "multiple choice"
+    kind = "prior" if scene.prior else "colour" if mc else "dots"
     return {
         "problem_id": sample_id,
         "problem": problem_text(scene),
@@ -313,14 +260,17 @@ def scene_record(scene: Scene, sample_id: str, video_rel: str) -> dict[str, Any]
         "modality_type": "video",
         "video": video_rel,
         "options": options() if mc else [],
-        "data_source": "synthetic/" + ("colour-prior" if scene.prior else "colour" if mc else "count"),
+        "data_source": "synthetic/" + kind,
         "meta": {
             "question": scene.question,
             "prior": scene.prior,
             "num_frames": scene.num_frames,
             "tokens_per_frame": TOKENS_PER_FRAME,
             "oracle_tokens": oracle_tokens(scene),
-            "objects": [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in scene.objects],
+            "objects": [
+                {k: v for k, v in asdict(o).items() if not k.endswith("_rgb")} | {"dots": list(o.dots)}
+                for o in scene.objects
+            ],
             "target": list(scene.target),
         },
     }
@@ -342,9 +292,9 @@ def make_synthetic(
     n: int = 2000,
     seed: int = 0,
     num_frames: int = NUM_FRAMES,
-    count_fraction: float = 0.25,
-    min_objects: int = 2,
-    max_objects: int = 4,
+    numerical_fraction: float = 0.3,
+    min_per_frame: int = 3,
+    max_per_frame: int = 5,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     progress: bool = False,
 ) -> dict[str, Path]:
@@ -357,10 +307,10 @@ def make_synthetic(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if num_frames < OBJECT_SPAN:
-        raise ValueError(f"num_frames must be >= {OBJECT_SPAN}, got {num_frames}")
-    if not 1 <= min_objects <= max_objects <= len(OPTION_COLOURS):
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(OPTION_COLOURS)}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if not 0.0 <= numerical_fraction <= 1.0:
+        raise ValueError(f"numerical_fraction must be in [0, 1], got {numerical_fraction}")
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     sizes = split_sizes(n, fractions)
@@ -373,7 +323,7 @@ def make_synthetic(
         indices = tqdm(indices, desc="make-synthetic", unit="video")
     for i in indices:
         rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng, count_fraction, min_objects, max_objects, num_frames)
+        scene = sample_scene(rng, numerical_fraction, min_per_frame, max_per_frame, num_frames)
         rel = f"videos/{names[i]}_{i:06d}.mp4"
         write_mp4(render_frames(scene), out / rel)
         records[names[i]].append(scene_record(scene, f"synthetic-{seed}-{i:06d}", rel))
@@ -385,9 +335,9 @@ def make_synthetic(
         "n": n,
         "seed": seed,
         "num_frames": num_frames,
-        "count_fraction": count_fraction,
-        "min_objects": min_objects,
-        "max_objects": max_objects,
+        "numerical_fraction": numerical_fraction,
+        "min_per_frame": min_per_frame,
+        "max_per_frame": max_per_frame,
         "fractions": list(fractions),
         "fps": FPS,
         "frame_size": FRAME_SIZE,
@@ -397,11 +347,30 @@ def make_synthetic(
     return paths
 
 
+def scene_from_record(record: dict[str, Any]) -> Scene:
+    """Rebuild a scene (boxes without their jittered RGB, question, answer) from its JSON record."""
+    meta = record["meta"]
+    objects = tuple(
+        SceneObject(o["outer"], o["inner"], tuple(o["dots"]), o["row"], o["col"], o["start"], o.get("span", 1))
+        for o in meta["objects"]
+    )
+    answer = record["solution"].removeprefix("<answer>").removesuffix("</answer>")
+    return Scene(
+        objects,
+        record["problem_type"],
+        meta["question"],
+        answer,
+        tuple(meta["target"]),
+        meta["prior"],
+        meta["num_frames"],
+    )
+
+
 def vocabulary() -> list[str]:
     """Every word of the synthetic questions, options and answers (the tiny model adds the instructions' words)."""
-    words: list[str] = ["What", "colour", "is", "the", "object", "in", "How", "many", "objects", "appear", "Options"]
-    words += [w for q in QUADRANTS for w in q.split()] + list(OPTION_COLOURS) + list(LETTERS)
-    words += [str(i) for i in range(MAX_COUNT + 1)]
+    words: list[str] = ["What", "colour", "are", "the", "dots", "in", "box", "How", "many", "Options"]
+    words += list(OUTER_COLOURS) + list(OPTION_COLOURS) + list(LETTERS)
+    words += [str(i) for i in range(MAX_DOTS + 1)]
     return list(dict.fromkeys(words))
 
 

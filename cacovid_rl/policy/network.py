@@ -5,6 +5,16 @@ rotary embedding, an RMSNorm and two scoring heads (MLPs ``d -> d/2 -> d/4 -> d/
 SiLU): the token head on every video token, the frame head on each frame's mean token. A score is
 ``logit[1] - logit[0]``, the Bernoulli log-odds of keeping.
 
+Question match (``PolicyConfig.question_match``, on by default; an addition to the paper's policy): a
+bilinear term ``<A ln(v), B ln(q)> / sqrt(r)`` between each video token ``v`` and the mean ``q`` of the
+text tokens, both taken after the decoder layer and layer-normalised, added to the token score; a frame
+gets the log-mean-exp of its tokens' terms. Why: with the paper's heads alone the question can only reach
+a token's score through the decoder layer's attention, and on the shipped task (boxes named by colour) a
+supervised probe of that policy stayed at 0.19 top-1 after 400 steps of 8 questions, while with this term
+it reached 0.97 after 100 (docs/report/README.md). Video tokens are ~30x the norm of text embeddings in
+LLaVA-OneVision, hence the layer norms. ``B`` starts at zero, so a fresh policy scores exactly as without
+the term.
+
 Bidirectional by default: the layer's ``self_attn.is_causal`` is set to ``False`` and no mask is
 passed, so sdpa runs with ``is_causal=False`` and eager applies no mask (verified by a test in which a
 text token *after* the video changes the video-token scores). ``bidirectional=False`` builds the
@@ -22,6 +32,7 @@ import hashlib
 import importlib
 import itertools
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
@@ -78,11 +90,34 @@ def _reinit_(module: nn.Module, std: float) -> None:
                 p.zero_()
 
 
+class QuestionMatch(nn.Module):
+    """The bilinear token-question term of the module docstring."""
+
+    def __init__(self, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        self.video = nn.Linear(hidden_size, rank, bias=False)
+        self.question = nn.Linear(hidden_size, rank, bias=False)
+        nn.init.zeros_(self.question.weight)
+
+    def forward(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``video [T, N, D]``, ``text [L, D]`` -> match terms ``[T, N]``."""
+        q = F.layer_norm(text.mean(dim=0), text.shape[-1:])
+        v = F.layer_norm(video, video.shape[-1:])
+        return (self.video(v) * self.question(q)).sum(dim=-1) / math.sqrt(self.rank)
+
+
 class CacovidPolicy(nn.Module):
     """Scores every video token and frame of one question (see the module docstring)."""
 
     def __init__(
-        self, layer: nn.Module, rotary: nn.Module, text_config: PretrainedConfig, *, bidirectional: bool = True
+        self,
+        layer: nn.Module,
+        rotary: nn.Module,
+        text_config: PretrainedConfig,
+        *,
+        bidirectional: bool = True,
+        question_match: bool = True,
     ) -> None:
         super().__init__()
         self.text_config = text_config
@@ -92,6 +127,7 @@ class CacovidPolicy(nn.Module):
         self.norm = nn.RMSNorm(hidden, eps=float(getattr(text_config, "rms_norm_eps", 1e-6)))
         self.token_head = score_head(hidden)
         self.frame_head = score_head(hidden)
+        self.match = QuestionMatch(hidden, max(hidden // 4, 1)) if question_match else None
         self.bidirectional = bidirectional
         # sdpa / flash read is_causal from the module; eager reads only the mask built in forward().
         self.layer.self_attn.is_causal = not bidirectional
@@ -99,6 +135,8 @@ class CacovidPolicy(nn.Module):
         self.norm.to(dtype)
         self.token_head.to(dtype)
         self.frame_head.to(dtype)
+        if self.match is not None:
+            self.match.to(dtype)
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -112,7 +150,13 @@ class CacovidPolicy(nn.Module):
         layer = copy.deepcopy(layer0)
         if not cfg.init_from_layer0:
             _reinit_(layer, float(getattr(text_config, "initializer_range", 0.02)))
-        return cls(layer, copy.deepcopy(rotary), copy.deepcopy(text_config), bidirectional=cfg.bidirectional)
+        return cls(
+            layer,
+            copy.deepcopy(rotary),
+            copy.deepcopy(text_config),
+            bidirectional=cfg.bidirectional,
+            question_match=cfg.question_match,
+        )
 
     @classmethod
     def from_adapter(cls, adapter: Any, cfg: PolicyConfig | None = None) -> CacovidPolicy:
@@ -170,7 +214,15 @@ class CacovidPolicy(nn.Module):
         video = h[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
         token = self.token_head(video).float()
         frame = self.frame_head(video.mean(dim=1)).float()
-        return PolicyScores(token=token[..., 1] - token[..., 0], frame=frame[..., 1] - frame[..., 0])
+        token_score, frame_score = token[..., 1] - token[..., 0], frame[..., 1] - frame[..., 0]
+        if self.match is not None:
+            text = torch.cat([h[0, :video_start], h[0, video_start + n_video :]])
+            if text.shape[0] == 0:
+                raise ValueError("the question-match head needs text tokens around the video block, found none")
+            m = self.match(video, text).float()
+            token_score = token_score + m
+            frame_score = frame_score + torch.logsumexp(m, dim=1) - math.log(tokens_per_frame)
+        return PolicyScores(token=token_score, frame=frame_score)
 
     def score(self, enc: EncodedQuestion) -> PolicyScores:
         """Scores of an encoded question."""
@@ -207,6 +259,7 @@ class CacovidPolicy(nn.Module):
             "decoder_layer_class": _qualname(self.layer),
             "rotary_class": _qualname(self.rotary),
             "bidirectional": self.bidirectional,
+            "question_match": self.match is not None,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attn_implementation": self.text_config._attn_implementation,
         }
@@ -241,7 +294,13 @@ class CacovidPolicy(nn.Module):
         rotary = _import_transformers_class(meta["rotary_class"])(config=text_config)
         dtype = getattr(torch, meta.get("dtype", "float32"))
         layer.to(dtype)
-        policy = cls(layer, rotary, text_config, bidirectional=bool(meta["bidirectional"]))
+        policy = cls(
+            layer,
+            rotary,
+            text_config,
+            bidirectional=bool(meta["bidirectional"]),
+            question_match=bool(meta.get("question_match", False)),
+        )
         policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         return policy.to(device) if device is not None else policy
 

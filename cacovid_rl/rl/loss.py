@@ -28,6 +28,7 @@ from cacovid_rl.config import LossConfig
 from cacovid_rl.types import MODE_CONTENT, MODE_FRAME, MODE_TOKEN, PolicyScores
 
 _LOG_HALF = math.log(0.5)
+MAX_LOG_RATIO = 20.0
 
 
 def bernoulli_logprob(scores: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,14 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 def _clipped_surrogate(
     logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, cfg: LossConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-decision clipped loss, the "clip active" mask and the ratio."""
-    ratio = torch.exp(logp - logp_old)
+    """Per-decision clipped loss, the "clip active" mask and the ratio.
+
+    The log-ratio is clamped to ``[-MAX_LOG_RATIO, MAX_LOG_RATIO]`` before ``exp``: a decision whose score
+    moved far within one update (large learning rates on the tiny model do this) would otherwise give
+    ``ratio = inf`` and, for a negative advantage, an infinite loss that kills the run. Inside the clamp
+    nothing changes; beyond it the (already clipped-away or huge) term stops growing and has no gradient.
+    """
+    ratio = torch.exp((logp - logp_old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     clipped_ratio = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     loss = -torch.min(ratio * adv, clipped_ratio * adv)
     active = ((ratio < 1.0 - cfg.clip_low) & (adv < 0)) | ((ratio > 1.0 + cfg.clip_high) & (adv > 0))
@@ -94,7 +101,7 @@ def _clipped_surrogate(
 
 def _k3_to_half(logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(policy || Bernoulli(0.5)) per taken decision: ``exp(r) - r - 1``, ``r = log 0.5 - logp``."""
-    r = _LOG_HALF - logp
+    r = (_LOG_HALF - logp).clamp(max=MAX_LOG_RATIO)  # a near-certain decision taken the unlikely way: exp overflows
     return torch.exp(r) - r - 1.0
 
 
@@ -181,7 +188,9 @@ def cacovid_loss(
 
     use_frame = 1.0 if cfg.frame_loss else 0.0
     kl = token_kl + use_frame * frame_kl
-    total = token_loss + use_frame * frame_loss + cfg.kl_coef * kl
+    total = token_loss + use_frame * frame_loss
+    if cfg.kl_coef > 0:  # never 0 * (a huge KL): the KL is logged either way
+        total = total + cfg.kl_coef * kl
     metrics.update(_summary(total, token_loss, frame_loss, kl, token_new, frame_new, rewards, modes))
     return LossOutput(total=total, token=token_loss, frame=frame_loss, kl=kl, metrics=metrics)
 

@@ -45,7 +45,7 @@ def _oracle_ranks(worker: RewardWorker, held_out) -> tuple[float, float]:
 @pytest.mark.slow
 def test_training_moves_the_policy_to_the_answer_tokens(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    make_synthetic(data, n=200, seed=11, count_fraction=0.0)
+    make_synthetic(data, n=200, seed=11, numerical_fraction=0.0)
     cfg = load_config(DEBUG_CONFIG, [f"data.train_path={data / 'train.json'}", f"data.video_root={data}", "seed=0"])
     worker = RewardWorker(cfg)
     updater = PolicyUpdater(worker.policy, cfg.learner, cfg.loss, cfg.rollout.iterations)

@@ -58,11 +58,12 @@ def test_accuracy_needs_the_right_tokens(shipped, encoded: T.EncodedSet) -> None
     rand = T.evaluate(model, processor, encoded, "random", retention=0.1, seed=1)
     oracle = T.evaluate(model, processor, encoded, "oracle", retention=0.1, seed=1)
     chance = 0.25  # four options, four counts
-    assert full["accuracy"] >= 0.7 > chance + 0.4, full
-    assert rand["accuracy"] <= full["accuracy"] - 0.25, (full, rand)
+    assert full["accuracy"] >= 0.9 > chance + 0.6, full  # issue 4's target, on videos it never saw
+    assert rand["accuracy"] <= full["accuracy"] - 0.4, (full, rand)
     assert oracle["accuracy"] >= full["accuracy"] - 0.05, (full, oracle)
-    # the binding questions (not the dot prior) are where the tokens matter most
-    assert rand["colour"] <= 0.5 < full["colour"] - 0.3, (full, rand)
+    # the questions about a coloured box (not the white-box prior) are where the tokens matter
+    for kind in ("colour", "dots"):
+        assert rand[kind] <= 0.5 < full[kind] - 0.35, (kind, full, rand)
 
 
 def test_processor_matches_the_adapter_preprocessing(shipped, unseen: Path) -> None:
@@ -107,7 +108,7 @@ def test_blind_test_drops_the_prior_questions(shipped, unseen: Path, tmp_path: P
     summary = run_blind_test(records, adapter, tmp_path / "kept.json", max_new_tokens=4, progress=False)
     kept = {r.sample_id for r in load_records(tmp_path / "kept.json", unseen).records}
     in_sample = prior & {r.sample_id for r in records}
-    assert in_sample and not (kept & in_sample), "every dot question is answered without the video"
+    assert in_sample and not (kept & in_sample), "every white-box question is answered without the video"
     others = len(records) - len(in_sample)
     # elsewhere only lucky guesses are dropped: well under half of the non-prior questions
     assert summary.dropped - len(in_sample) < 0.5 * others
@@ -119,11 +120,12 @@ def test_training_is_deterministic_from_the_seed(tmp_path: Path) -> None:
     settings = T.TrainSettings(
         steps=4,
         batch_size=4,
-        curriculum=(T.Stage(1, 1, 1, 8, fill=True, count_fraction=0.0), T.Stage(1, 2, 4, 4)),
+        curriculum=(T.Stage(1, 0, 0, asked_span=8, text_only=False), T.Stage(1, 1, 2, asked_span=2)),
         curriculum_size=8,
         text_only_every=2,
         eval_every=2,
         eval_size=4,
+        attention_layer=0,  # the one layer of this spec: the auxiliary attention loss runs too
     )
     spec = T.TinyVLMSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     reports = []

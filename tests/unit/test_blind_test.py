@@ -12,7 +12,7 @@ from cacovid_rl.data.records import QARecord, load_records
 
 
 class FakeAdapter:
-    """Answers 'D' to the prior quadrant, '2' to counts, 'A' otherwise; can fail on a marker or after N calls."""
+    """Answers 'D'/'1' about the white box, '2' to counts, 'A' otherwise; can fail on a marker or after N calls."""
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.calls: list[str] = []
@@ -24,8 +24,8 @@ class FakeAdapter:
         self.calls.append(prompt)
         if "BROKEN" in prompt:
             raise RuntimeError("tokenizer exploded")
-        if "bottom right" in prompt:
-            return "D"
+        if "white box" in prompt:
+            return "1" if "How many" in prompt else "D"
         return "2" if "How many" in prompt else "A"
 
 
@@ -34,12 +34,12 @@ def _records(tmp_path: Path) -> list[QARecord]:
     video.write_bytes(b"\x00")
     mc = "\nOptions:\nA. red\nB. green\nC. blue\nD. yellow"
     rows = [
-        ("What colour is the object in the bottom right ?" + mc, "D", "multiple choice"),  # prior: dropped
-        ("What colour is the object in the top left ?" + mc, "C", "multiple choice"),  # kept
-        ("What colour is the object in the top right ?" + mc, "A", "multiple choice"),  # lucky guess: dropped
-        ("How many red objects appear ?", "2", "numerical"),  # dropped
-        ("How many blue objects appear ?", "3", "numerical"),  # kept
-        ("What colour is the object in the bottom right ?" + mc, "D", "multiple choice"),  # dropped
+        ("What colour are the dots in the white box ?" + mc, "D", "multiple choice"),  # prior: dropped
+        ("What colour are the dots in the pink box ?" + mc, "C", "multiple choice"),  # kept
+        ("What colour are the dots in the cyan box ?" + mc, "A", "multiple choice"),  # lucky guess: dropped
+        ("How many dots are in the orange box ?", "2", "numerical"),  # dropped
+        ("How many dots are in the brown box ?", "3", "numerical"),  # kept
+        ("What colour are the dots in the white box ?" + mc, "D", "multiple choice"),  # dropped
     ]
     return [QARecord(f"s{i}", p, a, f"<answer>{a}</answer>", t, video) for i, (p, a, t) in enumerate(rows)]
 

@@ -192,6 +192,18 @@ def test_clipping_zeroes_gradient_only_beyond_the_trust_region() -> None:
         assert (grad0 == 0.0) == clipped, f"rewards {rewards.tolist()}: grad {grad0}"
 
 
+def test_a_far_moved_score_gives_a_finite_loss() -> None:
+    # A kept token whose score rose by 200 within the update (exp(200) overflows float32) in a sample with a
+    # negative advantage: the loss stays finite (log-ratio clamped) instead of aborting the run.
+    old = PolicyScores(torch.full((1, 4), -100.0), torch.zeros(1))
+    keep = [torch.tensor([0]), torch.tensor([1])]
+    new = PolicyScores(torch.tensor([[100.0, -100.0, -100.0, -100.0]], requires_grad=True), torch.zeros(1))
+    out = cacovid_loss(new, old, keep, torch.tensor([MODE_TOKEN, MODE_TOKEN]), torch.tensor([0.0, 1.0]), CFG)
+    out.total.backward()
+    assert math.isfinite(float(out.total)) and out.total > 1e6
+    assert torch.isfinite(new.token.grad).all()
+
+
 def test_content_samples_do_not_affect_the_loss() -> None:
     torch.manual_seed(1)
     old = PolicyScores(torch.randn(2, 4), torch.randn(2))

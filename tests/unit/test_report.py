@@ -203,7 +203,7 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     q = R.Question(
         sample_id="s",
         kind="colour",
-        question="What colour is the object in the top left ?",
+        question="What colour are the dots in the pink box ?",
         answer="A",
         frames=np.zeros((8, 64, 64, 3), dtype=np.uint8),
         token_scores=np.random.default_rng(0).normal(size=(8, 16)),

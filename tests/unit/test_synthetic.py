@@ -35,8 +35,16 @@ def test_splits_load_with_the_loader(dataset: Path) -> None:
         assert len(report.records) == n and report.errors == []
         types.update(r.problem_type for r in report.records)
         for r in report.records:
-            assert r.video.is_file() and r.answer in (*"ABCD", "0", "1", "2", "3")
+            assert r.video.is_file() and r.answer in (*"ABCD", "1", "2", "3", "4")
     assert set(types) == {"multiple choice", "numerical"}
+
+
+PALETTE = {name: np.array(rgb) for name, rgb in S.RGB.items()}
+
+
+def nearest(rgb: np.ndarray) -> str:
+    """The palette colour closest to ``rgb`` (L1)."""
+    return min(PALETTE, key=lambda c: np.abs(PALETTE[c] - rgb).sum())
 
 
 def test_videos_decode_into_the_rendered_frames(dataset: Path) -> None:
@@ -46,14 +54,20 @@ def test_videos_decode_into_the_rendered_frames(dataset: Path) -> None:
         expected = S.render_frames(_scene(i))
         assert frames.shape == expected.shape == (S.NUM_FRAMES, 64, 64, 3)
         err = np.abs(frames.astype(int) - expected.astype(int))
-        assert err.mean() < 3, err.mean()
-        # every object still shows its colour after H.264: its nearest palette colour is its own
-        palette = {name: np.array(rgb) for name, rgb in S.RGB.items()}
+        # yuv420p halves chroma resolution, so the many colour edges of ~30 boxes blur a little
+        assert err.mean() < 5, err.mean()
+        # every box still shows its colours after H.264: the nearest palette colour of its frame and of
+        # each dot's centre is its own, and empty dot slots stay background
         for obj in _scene(i).objects:
             for t in obj.frames():
-                cell = frames[t, obj.row * 16 : obj.row * 16 + 16, obj.col * 16 : obj.col * 16 + 16]
-                mean = cell[S.SHAPE_MASKS[obj.shape]].mean(0)
-                assert min(palette, key=lambda c: np.abs(palette[c] - mean).sum()) == obj.colour
+                cell = frames[t, obj.row * 16 : obj.row * 16 + 16, obj.col * 16 : obj.col * 16 + 16].astype(float)
+                assert nearest(cell[0, 4:12].mean(0)) == obj.outer
+                for slot, (y, x) in enumerate(S.DOT_SLOTS):
+                    centre = cell[y + 1 : y + 3, x + 1 : x + 3].reshape(-1, 3).mean(0)
+                    if slot in obj.dots:
+                        assert nearest(centre) == obj.inner
+                    else:
+                        assert np.abs(centre - S.BACKGROUND).max() < 24
 
 
 def test_reproducible_under_the_seed(dataset: Path, tmp_path: Path) -> None:
@@ -73,39 +87,63 @@ def test_reproducible_under_the_seed(dataset: Path, tmp_path: Path) -> None:
 def test_scene_invariants() -> None:
     for i in range(300):
         scene = _scene(i, seed=11)
-        coloured = [o for o in scene.objects if o.colour != "grey"]
-        assert len(coloured) >= 2, "every video has at least two salient objects competing"
-        cells = {(o.row, o.col) for o in scene.objects}
-        assert len(cells) == len(scene.objects)
-        for o in coloured:  # the blind prior holds in every video
-            if S.cell_quadrant(o.row, o.col) == S.PRIOR_QUADRANT:
-                assert o.colour == S.PRIOR_COLOUR
+        per_frame = Counter(t for o in scene.objects for t in o.frames())
+        assert all(3 <= per_frame[t] <= 5 for t in range(S.NUM_FRAMES)), "every frame has 3-5 salient boxes"
+        cells = [(t, o.row, o.col) for o in scene.objects for t in o.frames()]
+        assert len(set(cells)) == len(cells), "one box per cell and frame"
+        for o in scene.objects:  # the blind prior holds in every video
+            assert 1 <= len(o.dots) <= S.MAX_DOTS and len(set(o.dots)) == len(o.dots)
+            if o.outer == S.PRIOR_OUTER:
+                assert (o.inner, len(o.dots)) == (S.PRIOR_INNER, S.PRIOR_DOTS)
+        (k,) = scene.target
+        asked = scene.objects[k]
+        assert [o for o in scene.objects if o.outer == asked.outer] == [asked], "the question names one box"
+        assert f" {asked.outer} box " in scene.question
+        assert scene.prior == (asked.outer == S.PRIOR_OUTER)
+        assert S.oracle_tokens(scene) == asked.token_indices() and len(asked.token_indices()) == 1
         if scene.problem_type == "multiple choice":
-            (k,) = scene.target
-            asked = scene.objects[k]
-            quadrant = S.cell_quadrant(asked.row, asked.col)
-            assert scene.question == f"What colour is the object in the {quadrant} ?"
-            in_quadrant = [o for o in coloured if S.cell_quadrant(o.row, o.col) == quadrant]
-            assert in_quadrant == [asked], "the question names exactly one coloured object"
-            assert scene.answer == "ABCD"[S.OPTION_COLOURS.index(asked.colour)]
-            assert scene.prior == (quadrant == S.PRIOR_QUADRANT)
-            assert len(S.oracle_tokens(scene)) == S.OBJECT_SPAN
+            assert scene.question == f"What colour are the dots in the {asked.outer} box ?"
+            assert scene.answer == "ABCD"[S.OPTION_COLOURS.index(asked.inner)]
         else:
-            colour = scene.question.split()[2]
-            assert int(scene.answer) == sum(o.colour == colour for o in scene.objects)
-            assert len(S.oracle_tokens(scene)) == S.OBJECT_SPAN * int(scene.answer)
+            assert scene.question == f"How many dots are in the {asked.outer} box ?"
+            assert int(scene.answer) == len(asked.dots)
 
 
 def test_question_mix_and_prior_share() -> None:
-    scenes = [_scene(i, seed=5) for i in range(600)]
-    kinds = Counter("count" if s.problem_type == "numerical" else "prior" if s.prior else "colour" for s in scenes)
-    assert 0.18 < kinds["count"] / 600 < 0.32
-    assert 0.1 < kinds["prior"] / 600 < 0.3  # something real for the blind test to drop
+    scenes = [_scene(i, seed=5) for i in range(900)]
+    kinds = Counter("prior" if s.prior else "dots" if s.problem_type == "numerical" else "colour" for s in scenes)
+    assert 0.2 < kinds["dots"] / 900 < 0.34
+    assert 0.07 < kinds["prior"] / 900 < 0.16  # something real for the blind test to drop
+    # no answer prior outside the white box
     answers = Counter(s.answer for s in scenes if s.problem_type == "multiple choice" and not s.prior)
-    # no colour prior outside the prior quadrant
     assert min(answers[c] for c in "ABCD") > 0.18 * sum(answers.values())
-    counts = Counter(s.answer for s in scenes if s.problem_type == "numerical")
-    assert set(counts) == {"0", "1", "2", "3"}
+    counts = Counter(s.answer for s in scenes if s.problem_type == "numerical" and not s.prior)
+    assert set(counts) == {"1", "2", "3", "4"} and min(counts.values()) > 0.15 * sum(counts.values())
+
+
+def test_records_round_trip_into_scenes(dataset: Path) -> None:
+    raw = json.loads((dataset / "train.json").read_text())
+    for i, record in enumerate(raw[:10]):
+        original = _scene(i)
+        rebuilt = S.scene_from_record(record)
+        strip = lambda s: [(o.outer, o.inner, o.dots, o.row, o.col, o.start, o.span) for o in s.objects]  # noqa: E731
+        assert strip(rebuilt) == strip(original)
+        assert (rebuilt.question, rebuilt.answer, rebuilt.target, rebuilt.prior) == (
+            original.question,
+            original.answer,
+            original.target,
+            original.prior,
+        )
+
+
+def test_curriculum_options_are_checked() -> None:
+    rng = np.random.default_rng(0)
+    only = S.sample_scene(rng, min_per_frame=0, max_per_frame=0, asked_span=8)
+    assert len(only.objects) == 1 and len(S.oracle_tokens(only)) == 8
+    with pytest.raises(ValueError, match="asked_span"):
+        S.sample_scene(rng, asked_span=9)
+    with pytest.raises(ValueError, match="per_frame"):
+        S.sample_scene(rng, min_per_frame=4, max_per_frame=2)
 
 
 def test_oracle_tokens_point_at_the_object() -> None:

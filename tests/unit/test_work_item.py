@@ -8,7 +8,7 @@ from cacovid_rl.wire import packb, unpackb
 def test_record_survives_the_trip_to_an_actor():
     rec = QARecord(
         sample_id="q-7",
-        problem="What colour is the object in the top left ?\nA. red\nB. green",
+        problem="What colour are the dots in the pink box ?\nA. red\nB. green",
         answer="B",
         solution="<answer>B</answer>",
         problem_type="multiple choice",
