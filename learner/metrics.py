@@ -16,6 +16,7 @@ from typing import Any
 from cacovid_rl.config import Config
 
 log = logging.getLogger(__name__)
+STEP_KEY = "update"
 
 
 class MetricsLogger:
@@ -41,6 +42,11 @@ class MetricsLogger:
                     config=cfg.to_dict(),
                     resume="allow",
                 )
+                # Every chart's x-axis is the policy version ("update"), not wandb's own step: evaluations
+                # arrive after later training steps were logged, and wandb drops any step=... that is not
+                # monotonically increasing ("Tried to log to step 25 that is less than the current step 34").
+                self._wandb.define_metric(STEP_KEY)
+                self._wandb.define_metric("*", step_metric=STEP_KEY)
             except Exception as exc:  # any wandb failure: keep training, say so once
                 log.warning("wandb disabled for this run: %s", exc)
                 self._wandb = None
@@ -51,7 +57,7 @@ class MetricsLogger:
             fh.write(json.dumps({"step": step, **clean}) + "\n")
         if self._wandb is not None:
             try:
-                self._wandb.log(clean, step=step)
+                self._wandb.log({**clean, STEP_KEY: step})
             except Exception as exc:
                 log.warning("wandb.log failed, continuing without wandb: %s", exc)
                 self._wandb = None
@@ -67,7 +73,7 @@ class MetricsLogger:
             payload: dict[str, Any] = {key: wandb.Table(columns=columns, data=rows)}
             if image:
                 payload[key + "_plot"] = wandb.Image(image)
-            self._wandb.log(payload, step=step)
+            self._wandb.log({**payload, STEP_KEY: step})
         except Exception as exc:
             log.warning("wandb table logging failed: %s", exc)
 
