@@ -31,10 +31,29 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Generate the synthetic dataset when the config points at it and it is not there yet."""
-    if Path(cfg.data.train_path).is_file() or not cfg.data.synthetic_dir:
+    """Generate the synthetic dataset when the config points at it and it is not there yet.
+
+    Refuses a synthetic directory written by another generator version (its ``synthetic.json`` names a
+    different task, or none): the shipped model would be trained against questions it was never taught.
+    """
+    from cacovid_rl.data.synthetic import TASK, make_synthetic
+
+    if not cfg.data.synthetic_dir:
         return
-    from cacovid_rl.data.synthetic import make_synthetic
+    manifest = Path(cfg.data.synthetic_dir) / "synthetic.json"
+    if Path(cfg.data.train_path).is_file():
+        if manifest.is_file():
+            try:
+                task = json.loads(manifest.read_text()).get("task", "quadrants-v1")
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ValueError(f"{manifest} is not a JSON object ({exc}): delete {cfg.data.synthetic_dir}") from exc
+            if task != TASK:
+                raise ValueError(
+                    f"{cfg.data.synthetic_dir} holds synthetic task '{task}' but this version generates and "
+                    f"ships a model for '{TASK}': delete {cfg.data.synthetic_dir} (it is regenerated on the next "
+                    "run) or point data.synthetic_dir elsewhere"
+                )
+        return
 
     logging.getLogger("cacovid_rl").warning(
         "training data %s missing: generating %d synthetic records in %s",

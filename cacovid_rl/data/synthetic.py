@@ -55,6 +55,9 @@ GRID = FRAME_SIZE // CELL  # 4x4 cells = 4x4 pooled tokens per frame
 TOKENS_PER_FRAME = GRID * GRID
 NUM_FRAMES = 8
 FPS = 1
+# Written to synthetic.json: the shipped tiny VLM was trained on this task, so data from an older generator
+# (the quadrant task, no "task" key) must not be trained on silently (cli.ensure_data refuses it).
+TASK = "boxes-v2"
 
 OUTER_COLOURS = ("orange", "cyan", "purple", "pink", "brown", "grey", "white")
 """Box colours: the key a question names. None of them is an option word, so the question's key word
@@ -332,6 +335,7 @@ def make_synthetic(
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records[split], indent=1) + "\n")
     args = {
+        "task": TASK,
         "n": n,
         "seed": seed,
         "num_frames": num_frames,

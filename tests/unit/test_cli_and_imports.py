@@ -34,3 +34,22 @@ def test_library_never_imports_ray():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_train_refuses_synthetic_data_of_another_generator(tmp_path):
+    import json
+
+    from cacovid_rl.cli import ensure_data
+    from cacovid_rl.config import load_config
+    from cacovid_rl.data.synthetic import TASK
+
+    data = tmp_path / "synthetic"
+    data.mkdir()
+    (data / "train.json").write_text("[]")
+    cfg = load_config(None, [f"data.synthetic_dir={data}", f"data.train_path={data / 'train.json'}"])
+    ensure_data(cfg)  # no manifest: a user's own data, left alone
+    (data / "synthetic.json").write_text(json.dumps({"n": 2000, "seed": 0}))  # written by the v1 generator
+    with pytest.raises(ValueError, match=r"quadrants-v1.*delete"):
+        ensure_data(cfg)
+    (data / "synthetic.json").write_text(json.dumps({"task": TASK}))
+    ensure_data(cfg)
