@@ -46,6 +46,7 @@ log = logging.getLogger("cacovid_rl.report")
 RETENTIONS = (0.05, 0.10, 0.25, 0.50)
 BASELINES = ("uniform", "random", "fastv", "visionzip", "divprune")
 SEEDED = ("cacovid", "random", "oracle")
+KEPT = "kept:"  # row-key prefix: did the selection keep an answer (oracle) token
 """Methods whose selections differ between seeds (the policy, or a seeded random draw)."""
 TARGET_RETENTION = 0.10
 TARGET_FRACTION = 0.95
@@ -260,8 +261,10 @@ def evaluate_runs(
             answers = answer_selections(
                 adapter, enc, {f"{m}@{r}": k for (m, r), k in shared.items()}, cfg.model.max_new_tokens
             )
-            for (m, r), _ in shared.items():
+            for (m, r), k in shared.items():
                 row[f"{m}@{r}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+                if oracle:
+                    row[f"{KEPT}{m}@{r}"] = _keeps_answer(k, oracle)
             for s, (run, policy) in enumerate(zip(runs, policies, strict=True)):
                 scores = policy.score(enc)
                 ctx = SelectionContext(
@@ -275,8 +278,10 @@ def evaluate_runs(
                 answers = answer_selections(
                     adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, cfg.model.max_new_tokens
                 )
-                for (m, r), _ in keeps.items():
+                for (m, r), k in keeps.items():
                     row[f"{m}@{r}@{run.name}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+                    if oracle:
+                        row[f"{KEPT}{m}@{r}@{run.name}"] = _keeps_answer(k, oracle)
                 if s == 0 and row["kind"] in want_kinds and want_kinds[row["kind"]] > 0:
                     want_kinds[row["kind"]] -= 1
                     kept = select_tokens(scores, TARGET_RETENTION, run.cfg.eval.imp_ratio)
@@ -309,6 +314,11 @@ def evaluate_runs(
     return {"rows": rows, "meta": meta}, heat
 
 
+def _keeps_answer(kept: torch.Tensor, oracle: list[int]) -> float:
+    """1.0 when a selection keeps at least one of the answer's (oracle) tokens."""
+    return float(bool(set(kept.reshape(-1).tolist()) & set(oracle)))
+
+
 def _heatmap_plan(records: Sequence[QARecord], data: EvalSet, n: int) -> dict[str, int]:
     """How many heatmap questions to take of each kind: spread over the kinds present, most common first."""
     counts: dict[str, int] = {}
@@ -334,9 +344,17 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
 
 
 def aggregate(
-    rows: list[dict[str, Any]], runs: Sequence[RunInfo], retentions: Sequence[float], methods: Sequence[str]
+    rows: list[dict[str, Any]],
+    runs: Sequence[RunInfo],
+    retentions: Sequence[float],
+    methods: Sequence[str],
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Accuracy per (method, retention): mean and sample std over seeds, overall and per question kind."""
+    """Accuracy per (method, retention): mean and sample std over seeds, overall and per question kind.
+
+    ``prefix=KEPT`` aggregates instead how often a selection kept an answer token (questions with oracle
+    tokens only; ``full`` is then the share of such questions).
+    """
     names = [r.name for r in runs]
     kinds = sorted({row["kind"] for row in rows})
 
@@ -348,11 +366,14 @@ def aggregate(
         return out
 
     def table(subset: list[dict[str, Any]]) -> dict[str, Any]:
-        t: dict[str, Any] = {"n": len(subset), "full": _mean_std([np.mean([r["full"] for r in subset])] * len(names))}
+        if prefix:
+            subset = [r for r in subset if any(k.startswith(prefix) for k in r)]
+        full = np.mean([r["full"] for r in subset]) if subset else float("nan")
+        t: dict[str, Any] = {"n": len(subset), "full": _mean_std([full] * len(names))}
         for m in methods:
             per = {}
             for ret in retentions:
-                vals = acc(subset, lambda n, m=m, ret=ret: f"{m}@{ret}@{n}" if m in SEEDED else f"{m}@{ret}")
+                vals = acc(subset, lambda n, m=m, ret=ret: prefix + (f"{m}@{ret}@{n}" if m in SEEDED else f"{m}@{ret}"))
                 if not all(math.isnan(v) for v in vals):
                     per[str(ret)] = _mean_std(vals)
             if per:
@@ -693,6 +714,22 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
         ]
         lines.append("| cacovid / full (%) | " + " | ".join(f"{v:.0f}" for v in rel) + " |")
     lines += ["", f"![accuracy vs retention]({images['accuracy']})", ""]
+    kept = report.get("answer_kept") or {}
+    if kept.get("n"):
+        lines += [
+            "## How often the answer's tokens are kept",
+            "",
+            f"Share of the {kept['n']} questions with known answer tokens (`meta.oracle_tokens`) whose selection "
+            "keeps at least one of them, in %: where accuracy comes from finding the answer, and where from "
+            "the LLM's guesses.",
+            "",
+            "| method | " + " | ".join(f"{r:.0%}" for r in rets) + " |",
+            "|---|" + "---:|" * len(rets),
+        ]
+        for m in _method_order(kept):
+            if m != "oracle":
+                lines.append(f"| {m} | " + " | ".join(_cell(kept[m].get(str(r))) for r in rets) + " |")
+        lines.append("")
     kinds = [k for k in acc if k != "all"]
     if len(kinds) > 1:
         key = str(TARGET_RETENTION)
@@ -818,6 +855,7 @@ def main(args: argparse.Namespace) -> int:
         "eval": result["meta"],
         "accuracy": acc,
         "target": target_check(acc),
+        "answer_kept": aggregate(result["rows"], runs, retentions, methods, prefix=KEPT)["all"],
         "training": training_summary(runs),
         "command": command,
     }

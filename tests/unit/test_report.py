@@ -180,6 +180,11 @@ def test_aggregate_mean_std_and_target() -> None:
     assert tgt["fraction_of_full"] == pytest.approx(0.6667 / 0.8, abs=1e-3) and tgt["fraction_met"] is False
     assert tgt["best_baseline"] in ("random", "uniform") and tgt["separated"] == {"random": True, "uniform": True}
     assert tgt["met"] is False
+    for row, hit in zip(rows, [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], strict=False):  # answer kept or not
+        row.update({f"{R.KEPT}cacovid@0.1@{run.name}": hit for run in runs})
+    kept = R.aggregate(rows, runs, [0.1], ["cacovid", "uniform"], prefix=R.KEPT)["all"]
+    assert kept["n"] == 8 and "uniform" not in kept  # rows without the key do not count
+    assert kept["cacovid"]["0.1"]["mean"] == pytest.approx(0.75)
     rows = _rows({"cacovid": [0.8, 0.8, 0.8], "random": [0.5, 0.4, 0.8]})
     tgt = R.target_check(R.aggregate(rows, runs, [0.1], ["cacovid", "random"]))
     assert tgt["fraction_met"] and not tgt["separated"]["random"] and not tgt["met"]  # seed ranges overlap
@@ -247,7 +252,11 @@ def test_report_end_to_end(tmp_path: Path) -> None:
     assert set(table) >= {"full", "cacovid", "oracle", *R.BASELINES}
     assert len(json.loads((out / "per_question.json").read_text())["rows"]) == n
     assert len(table["cacovid"]["0.1"]["per_seed"]) == 2 and rep["target"]["evaluated"]
+    kept = rep["answer_kept"]  # every synthetic question knows its answer token; the oracle always keeps it
+    assert kept["n"] == n and kept["oracle"]["0.1"]["mean"] == 1.0
+    assert 0.0 <= kept["cacovid"]["0.1"]["mean"] <= kept["cacovid"]["0.5"]["mean"] <= 1.0
     md = (out / "report.md").read_text()
+    assert "## How often the answer's tokens are kept" in md
     assert "| **cacovid** |" in md and "oracle" in md and "![heatmap](heatmap_0.png)" in md
     for name in ("accuracy_vs_retention.png", "training_curves.png", "heatmap_0.png", "heatmap_1.png"):
         assert (out / name).stat().st_size > 10_000
