@@ -11,7 +11,7 @@ text tokens, both taken after the decoder layer and layer-normalised, added to t
 gets the log-mean-exp of its tokens' terms. Why: with the paper's heads alone the question can only reach
 a token's score through the decoder layer's attention, and on the shipped task (boxes named by colour) a
 supervised probe of that policy stayed at 0.19 top-1 after 400 steps of 8 questions, while with this term
-it reached 0.97 after 100 (docs/report/README.md). Video tokens are ~30x the norm of text embeddings in
+it reached 0.96 after 100 (docs/report/README.md). Video tokens are ~30x the norm of text embeddings in
 LLaVA-OneVision, hence the layer norms. ``B`` starts at zero, so a fresh policy scores exactly as without
 the term.
 
