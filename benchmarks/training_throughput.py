@@ -1,7 +1,7 @@
 """Training throughput: the whole distributed loop (``learner.driver.train``) with 1, 2 and 4 reward actors.
 
 What is measured (issue 5): the real driver, learner and ``RewardActor`` s on a local loopback Ray instance, the
-debug-local recipe (``configs/debug_local.yaml``: the tiny video LLM, G = 16 combinations x 3 iterations per
+debug-local recipe (``configs/debug_local.yaml``: the tiny video LLM, G = 28 combinations x 3 iterations per
 question) on the synthetic needle videos. The 1/2/4 sweep is repeated ``--rounds`` times in rotated order (runs
 cannot be interleaved finer than whole runs); figures are medians over rounds. From each run's own
 ``metrics.jsonl``, after the first ``--warmup-steps`` updates (actor start-up):
@@ -13,7 +13,8 @@ cannot be interleaved finer than whole runs); figures are medians over rounds. F
   (``timing/learner_update`` / ``data/questions``);
 - scaling efficiency = throughput(n) / (n x throughput(1)).
 
-``learner.questions_per_step`` is 4 (not the debug config's 2) for every actor count, so that the staleness window
+``learner.questions_per_step`` is 4 (not the debug config's 8) and ``learner.max_staleness`` 2 (the default; the
+debug config trains on-policy, 0) for every actor count, so that the staleness window
 (``(max_staleness + 1) x questions_per_step`` = 12 questions) can keep 4 actors x 2 in-flight items busy: otherwise
 the window, not the actors, would cap the throughput. Ray gets ``num_cpus = n`` logical CPUs (one per actor, the
 learner takes 0); the machine has only its physical cores (2 here), which is the real limit of the scaling.
@@ -128,6 +129,7 @@ def run_training(n: int, args: Any, model_path: str, data: Path, work: Path) -> 
             f"output_dir={out}",
             f"learner.total_steps={args.steps}",
             f"learner.questions_per_step={args.questions_per_step}",
+            "learner.max_staleness=2",
             f"learner.checkpoint_dir={out / 'ckpt'}",
             "learner.checkpoint_every=100000",
             f"cluster.min_actors={n}",
