@@ -133,10 +133,13 @@ class LossConfig:
     """Weight of the optional k3 KL towards Bernoulli(0.5)."""
     adv_eps: float = 1e-4
     frame_loss: bool = True
+    max_is_weight: float = 2.0
+    """Truncation of the behaviour -> proximal importance weight for stale rollouts (rl/loss.py)."""
 
     def validate(self) -> None:
         _check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high", "must be >= 0")
         _check(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+        _check(self.max_is_weight > 0, "loss.max_is_weight", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class Learner:
         trajs = [Trajectory.from_bytes(p) for p in payloads]
         fresh = [t for t in trajs if self.version - t.weight_version <= self.cfg.learner.max_staleness]
         t1 = time.perf_counter()
-        metrics = self.updater.update(fresh) if fresh else {}
+        metrics = self.updater.update(fresh, version=self.version) if fresh else {}
         self.version += 1
         self._remember(self.version)
         staleness = [self.version - 1 - t.weight_version for t in trajs]

@@ -14,6 +14,14 @@ head). Per decision: ``ratio = exp(logp - logp_old)`` and the PPO-style clipped 
   ``r = log 0.5 - logp`` (token KL class-balance weighted like the token loss), scaled by ``cfg.kl_coef``.
 
 Gradients flow only through ``new``; ``old`` scores, masks and rewards are constants.
+
+Stale rollouts (decoupled PPO, Hilton et al. 2021): when the combinations were drawn by an older policy than
+the one being updated (``learner.max_staleness > 0``), the learner passes ``prox``, its own scores at the start
+of the update. The trust region is then measured against ``prox`` (``ratio = pi / pi_prox``) and each decision is
+weighted by the truncated importance weight ``min(pi_prox / pi_old, cfg.max_is_weight)`` (a constant). Measuring
+it against the behaviour policy instead made every first-iteration ratio of a two-versions-old rollout sit far
+outside the clip range at lr 3e-3 (clip fraction 0.25 by update 10) and the scores drift until the policy kept
+everything. With ``prox`` equal to ``old`` (on-policy) both forms are the same loss.
 """
 
 from __future__ import annotations
@@ -127,6 +135,11 @@ def _select(rows: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
     return [rows[i] for i in idx.tolist()]
 
 
+def _is_weights(logp_prox: torch.Tensor, logp_old: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated behaviour -> proximal importance weights ``min(exp(logp_prox - logp_old), cap)`` (constants)."""
+    return torch.exp((logp_prox - logp_old).clamp(max=math.log(cap))).detach()
+
+
 def cacovid_loss(
     new: PolicyScores,
     old: PolicyScores,
@@ -134,6 +147,7 @@ def cacovid_loss(
     modes: torch.Tensor,
     rewards: torch.Tensor,
     cfg: LossConfig,
+    prox: PolicyScores | None = None,
 ) -> LossOutput:
     """CaCoVID loss over one question's memory: ``keep[i]`` (flat kept indices), ``modes[i]``, ``rewards[i]``.
 
@@ -141,7 +155,8 @@ def cacovid_loss(
     combinations were sampled from. A mode without samples contributes a zero that is still connected to
     the graph, so ``total.backward()`` always works. ``frame`` is always computed (for logging); ``total``
     includes it (and its KL) only when ``cfg.frame_loss``. ``kl`` is the unweighted KL; ``total`` adds
-    ``cfg.kl_coef * kl``.
+    ``cfg.kl_coef * kl``. ``prox``: the updating policy's own scores before this update, for stale rollouts
+    (module docstring); ``None`` means on-policy (``prox = old``).
     """
     rows = _rows(keep)
     modes = torch.as_tensor(modes).reshape(-1).cpu()
@@ -164,7 +179,15 @@ def cacovid_loss(
         logp = bernoulli_logprob(token_new[None], mask)
         logp_old = bernoulli_logprob(old.token.detach().float().reshape(-1)[None], mask)
         adv = group_advantages(rewards[tok_idx], cfg.adv_eps).to(token_new.device)[:, None]
-        per_tok, active, ratio = _clipped_surrogate(logp, logp_old, adv, cfg)
+        if prox is not None:
+            logp_prox = bernoulli_logprob(prox.token.detach().float().reshape(-1)[None], mask)
+            is_w = _is_weights(logp_prox, logp_old, cfg.max_is_weight)
+            per_tok, active, ratio = _clipped_surrogate(logp, logp_prox, adv, cfg)
+            per_tok = per_tok * is_w
+            metrics["policy/is_weight_mean"] = float(is_w.mean())
+            logp_old = logp_prox  # the trust-region metrics below are against the proximal policy
+        else:
+            per_tok, active, ratio = _clipped_surrogate(logp, logp_old, adv, cfg)
         w = class_balance_weights(mask)
         w_sum = w.sum(-1).clamp_min(1e-7)
         token_loss = ((per_tok * w).sum(-1) / w_sum).mean()
@@ -181,7 +204,12 @@ def cacovid_loss(
         logp = bernoulli_logprob(frame_new[None], fmask)
         logp_old = bernoulli_logprob(old.frame.detach().float().reshape(-1)[None], fmask)
         adv = group_advantages(rewards[frm_idx], cfg.adv_eps).to(frame_new.device)[:, None]
-        per_frame, active, _ = _clipped_surrogate(logp, logp_old, adv, cfg)
+        if prox is not None:
+            logp_prox = bernoulli_logprob(prox.frame.detach().float().reshape(-1)[None], fmask)
+            per_frame, active, _ = _clipped_surrogate(logp, logp_prox, adv, cfg)
+            per_frame = per_frame * _is_weights(logp_prox, logp_old, cfg.max_is_weight)
+        else:
+            per_frame, active, _ = _clipped_surrogate(logp, logp_old, adv, cfg)
         frame_loss = per_frame.mean()
         frame_kl = _k3_to_half(logp).mean()
         metrics["policy/frame_clip_frac"] = float(active.float().mean())

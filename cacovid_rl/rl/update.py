@@ -88,10 +88,13 @@ class PolicyUpdater:
                     return True
         return False
 
-    def _batch_loss(self, trajs: Sequence[Trajectory], iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _batch_loss(
+        self, trajs: Sequence[Trajectory], iteration: int, prox: Sequence[PolicyScores | None] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=self.device)
         metrics: dict[str, float] = {}
-        for traj in trajs:
+        prox = prox if prox is not None else [None] * len(trajs)
+        for traj, traj_prox in zip(trajs, prox, strict=True):
             sel = np.nonzero(traj.iterations <= iteration)[0]
             keeps = traj.keep_list()
             new = policy_scores_for(self.policy, traj, self.device)
@@ -104,6 +107,7 @@ class PolicyUpdater:
                 torch.from_numpy(traj.modes[sel].astype(np.int64)).to(self.device),
                 torch.from_numpy(np.array(traj.rewards[sel])).to(self.device),
                 self.loss_cfg,
+                prox=traj_prox,
             )
             total = total + out.total / len(trajs)
             for k, v in out.metrics.items():
@@ -125,18 +129,42 @@ class PolicyUpdater:
         self.scheduler.step()
         return float(grad_norm)
 
-    def update(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
-        """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics."""
+    @torch.no_grad()
+    def proximal_scores(self, trajs: Sequence[Trajectory], version: int | None) -> list[PolicyScores | None]:
+        """This policy's scores before the update, for the trajectories rolled out at another version.
+
+        ``None`` (on-policy: the behaviour scores are this policy's own) for every trajectory when ``version``
+        is ``None`` or equals the trajectory's ``weight_version``; see the decoupled loss in ``rl/loss.py``.
+        """
+        if version is None:
+            return [None] * len(trajs)
+        out: list[PolicyScores | None] = []
+        for traj in trajs:
+            if traj.weight_version == version:
+                out.append(None)
+                continue
+            scores = policy_scores_for(self.policy, traj, self.device)
+            out.append(PolicyScores(token=scores.token.detach(), frame=scores.frame.detach()))
+        return out
+
+    def update(self, trajs: Sequence[Trajectory], version: int | None = None) -> dict[str, float]:
+        """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics.
+
+        ``version``: the weight version this policy is at. Trajectories rolled out at an older version are
+        optimised with the decoupled (proximal) loss; ``None`` treats every trajectory as on-policy.
+        """
         if not trajs:
             raise ValueError("update() needs at least one trajectory")
         self.policy.train()
+        prox = self.proximal_scores(trajs, version)
+        stale = sum(p is not None for p in prox)
         iterations = max(len(t.rates) for t in trajs)
         agg: dict[str, float] = {}
         for it in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
             if not self.has_signal(trajs, it):
                 with torch.no_grad():
-                    loss, metrics = self._batch_loss(trajs, it)
+                    loss, metrics = self._batch_loss(trajs, it, prox)
                 self.scheduler.step()
                 self.optimizer_steps += 1
                 self.skipped_steps += 1
@@ -144,7 +172,7 @@ class PolicyUpdater:
                 for k, v in metrics.items():
                     agg[k] = agg.get(k, 0.0) + v / iterations
                 continue
-            loss, metrics = self._batch_loss(trajs, it)
+            loss, metrics = self._batch_loss(trajs, it, prox)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at optimizer step {self.optimizer_steps} "
@@ -158,4 +186,5 @@ class PolicyUpdater:
         agg["learner/lr"] = float(self.scheduler.get_last_lr()[0])
         agg["learner/optimizer_steps"] = float(self.optimizer_steps)
         agg["learner/skipped_steps"] = float(self.skipped_steps)
+        agg["learner/stale_trajectories"] = float(stale)
         return agg

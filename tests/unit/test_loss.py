@@ -271,3 +271,39 @@ def test_size_mismatch_raises() -> None:
     s = scores([[0.0, 0.0]], [0.0])
     with pytest.raises(ValueError, match="memory sizes differ"):
         cacovid_loss(s, s, [torch.tensor([0])], torch.tensor([MODE_TOKEN, MODE_TOKEN]), torch.tensor([1.0]), CFG)
+
+
+def test_proximal_loss_equals_on_policy_loss_when_nothing_is_stale() -> None:
+    old = scores([[0.3, -0.2, 1.0, -1.0]], [0.1])
+    keep = [torch.tensor([0]), torch.tensor([2]), torch.tensor([1, 3])]
+    modes, rewards = torch.tensor([MODE_TOKEN, MODE_TOKEN, MODE_FRAME]), torch.tensor([1.0, 0.0, 1.0])
+    grads = []
+    for prox in (None, old):
+        new = scores([[0.5, -0.1, 0.7, -1.2]], [0.3], grad=True)
+        out = cacovid_loss(new, old, keep, modes, rewards, CFG, prox=prox)
+        out.total.backward()
+        grads.append((float(out.total), new.token.grad.clone(), new.frame.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    torch.testing.assert_close(grads[0][2], grads[1][2])
+
+
+def test_stale_rollouts_are_clipped_against_the_proximal_policy_and_weighted() -> None:
+    # Drawn by a behaviour policy that kept token 0 with p = sigmoid(-4); the learner has since moved to +2.
+    old = scores([[-4.0, 0.0]], [0.0])
+    prox = scores([[2.0, 0.0]], [0.0])
+    keep, modes, rewards = (
+        [torch.tensor([0]), torch.tensor([1])],
+        torch.tensor([MODE_TOKEN] * 2),
+        torch.tensor([1.0, 0.0]),
+    )
+    new = scores([[2.0, 0.0]], [0.0], grad=True)
+    out = cacovid_loss(new, old, keep, modes, rewards, CFG)
+    out.total.backward()
+    assert new.token.grad[0, 0] == 0.0  # against the behaviour policy: ratio ~ 50, clipped, nothing learnt
+    new = scores([[2.0, 0.0]], [0.0], grad=True)
+    out = cacovid_loss(new, old, keep, modes, rewards, CFG, prox=prox)
+    out.total.backward()
+    assert new.token.grad[0, 0] < 0.0  # against the proximal policy: inside the trust region, kept token rises
+    assert out.metrics["policy/is_weight_mean"] <= CFG.max_is_weight
+    assert out.metrics["policy/clip_frac"] == 0.0

@@ -91,6 +91,27 @@ def test_update_moves_the_policy_and_replays_iterations(adapter):
         updater.update([])
 
 
+def test_stale_trajectories_get_the_proximal_loss_and_fresh_ones_do_not(adapter):
+    policy = CacovidPolicy.from_adapter(adapter)
+    trajs = [_trajectory(adapter, policy, f"q{i}", rewards_from=i) for i in range(2)]  # rolled out at version 0
+    updater = PolicyUpdater(copy.deepcopy(policy), CFG.learner, CFG.loss, CFG.rollout.iterations)
+    assert updater.proximal_scores(trajs, version=0) == [None, None] and updater.proximal_scores(trajs, None) == [
+        None,
+        None,
+    ]
+    on_policy = PolicyUpdater(copy.deepcopy(policy), CFG.learner, CFG.loss, CFG.rollout.iterations)
+    a, b = updater.update(trajs, version=0), on_policy.update(trajs)  # same loss, same weights
+    assert a["learner/stale_trajectories"] == 0 and a["loss/total"] == pytest.approx(b["loss/total"])
+    for x, y in zip(updater.policy.parameters(), on_policy.policy.parameters(), strict=True):
+        torch.testing.assert_close(x, y)
+    # One update later the same trajectories are one version old: scored again by the learner's own policy.
+    prox = updater.proximal_scores(trajs, version=1)
+    assert all(p is not None and not p.token.requires_grad for p in prox)
+    assert not torch.equal(prox[0].token, trajs[0].old_scores().token)
+    metrics = updater.update(trajs, version=1)
+    assert metrics["learner/stale_trajectories"] == 2 and 0 < metrics["policy/is_weight_mean"] <= CFG.loss.max_is_weight
+
+
 def test_checkpoint_resume_equals_uninterrupted(adapter, tmp_path: Path):
     torch.manual_seed(0)
     base = CacovidPolicy.from_adapter(adapter)
