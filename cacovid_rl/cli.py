@@ -64,9 +64,39 @@ def ensure_data(cfg: Config) -> None:
     make_synthetic(cfg.data.synthetic_dir, n=cfg.data.synthetic_size, seed=0)
 
 
+def blind_filter(cfg: Config) -> Config:
+    """With ``data.blind_filter``: the config that trains on the blind-test-filtered copy of ``data.train_path``.
+
+    The resolved config (written beside the run) names the filtered file and has the flag off, so a resume
+    or a report reads the same records.
+    """
+    if not cfg.data.blind_filter:
+        return cfg
+    from cacovid_rl.data.blind_test import filter_training_file
+    from cacovid_rl.models.loading import load_adapter
+
+    out, summary = filter_training_file(
+        cfg.data.train_path, cfg.data.video_root, lambda: load_adapter(cfg.model), cfg.model.max_new_tokens
+    )
+    log = logging.getLogger("cacovid_rl")
+    if summary is None:
+        log.info("training on the blind-test-filtered records in %s", out)
+    else:
+        log.warning(
+            "blind test on %s: %d of %d questions answered without the video and dropped; %d kept in %s",
+            cfg.data.train_path,
+            summary.dropped,
+            summary.total,
+            summary.kept,
+            out,
+        )
+    return cfg.replace(**{"data.train_path": str(out), "data.blind_filter": False})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ensure_data(cfg)
+    cfg = blind_filter(cfg)
     from learner.driver import train
 
     summary = train(cfg, resume=args.resume, stop_after_updates=args.stop_after)

@@ -40,6 +40,11 @@ class DataConfig:
     """If set and ``train_path`` is missing, ``cacovid-rl train`` generates synthetic data here."""
     synthetic_size: int = 2000
     """Number of synthetic records to generate when ``synthetic_dir`` is used."""
+    blind_filter: bool = False
+    """Blind-test ``train_path`` before training (method.md, "Training data and blind test"): ``cacovid-rl train``
+    asks ``model.path`` every question without its video, writes the ones it gets wrong to ``<train stem>.blind.json``
+    beside it (once; reused afterwards) and trains on that file. For data that was not filtered offline with
+    ``cacovid-rl blind-test`` (the debug config's generated data)."""
 
     def validate(self) -> None:
         _check(self.num_frames >= 1, "data.num_frames", "must be >= 1")

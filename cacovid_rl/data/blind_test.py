@@ -14,13 +14,13 @@ by the next run. The final outputs are the kept records (``out``, CaCoVID schema
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cacovid_rl.data.prompts import build_prompt
-from cacovid_rl.data.records import QARecord, save_records
+from cacovid_rl.data.records import QARecord, load_records, save_records
 
 
 class TextOnlyAnswerer(Protocol):
@@ -154,3 +154,28 @@ def run_blind_test(
     save_records(kept, out, video_root=video_root)
     summary_path(out).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def blind_filtered_path(train_path: str | Path) -> Path:
+    """Where ``filter_training_file`` writes the kept records of ``train_path``: ``<stem>.blind.json`` beside it."""
+    p = Path(train_path)
+    return p.with_name(p.stem + ".blind.json")
+
+
+def filter_training_file(
+    train_path: str | Path,
+    video_root: str | Path,
+    adapter_factory: Callable[[], TextOnlyAnswerer],
+    max_new_tokens: int = 16,
+) -> tuple[Path, BlindTestSummary | None]:
+    """Blind-test ``train_path`` once: the kept records' file (video paths relative to ``video_root``) and the counts.
+
+    When the kept file already exists it is returned as is (summary ``None``) and no model is loaded;
+    ``adapter_factory()`` builds the LLM only when there is something to ask.
+    """
+    out = blind_filtered_path(train_path)
+    if out.is_file():
+        return out, None
+    report = load_records(train_path, video_root, check_videos=False)
+    summary = run_blind_test(report.records, adapter_factory(), out, max_new_tokens, video_root=video_root)
+    return out, summary

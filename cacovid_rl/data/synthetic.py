@@ -29,8 +29,14 @@ position (an earlier version: "the object in the top left") failed there: object
 their colour but barely their position. The many distractors differ in outer colour, dot colour
 and dot count (~100 kinds), so diversity-based pruning (DivPrune) cannot cover them all either.
 
-A learnable prior for the blind test: a white box always holds one yellow dot, so both questions
-about the white box are answerable without the video.
+A learnable prior for the blind test: a white box holds one yellow dot half of the time (otherwise
+random dots, like any box), so a model learns to answer "yellow" / "1" for the white box without the
+video, and is right on ~62% of the white-box questions (``Scene.prior``). Why not always (the previous
+version): the blind test then dropped every white-box question from training, the policy never learned
+to keep the white box, and on test questions about it the kept tokens misled the LLM away from the
+answer it gives blind (31% of them lost at 10% retention; docs/report/README.md). With a prior that
+only usually holds, the blind test keeps the white-box questions the prior gets wrong, as it would on
+real data.
 
 Records use the CaCoVID filtered schema (``problem`` with options, ``solution``, ``problem_type``,
 ``modality_type``, relative ``video``) plus ``problem_id``, ``options``, ``data_source`` and a
@@ -57,7 +63,7 @@ NUM_FRAMES = 8
 FPS = 1
 # Written to synthetic.json: the shipped tiny VLM was trained on this task, so data from an older generator
 # (the quadrant task, no "task" key) must not be trained on silently (cli.ensure_data refuses it).
-TASK = "boxes-v2"
+TASK = "boxes-v3"
 
 OUTER_COLOURS = ("orange", "cyan", "purple", "pink", "brown", "grey", "white")
 """Box colours: the key a question names. None of them is an option word, so the question's key word
@@ -69,7 +75,8 @@ MAX_DOTS = 4
 PRIOR_OUTER = "white"
 PRIOR_INNER = "yellow"
 PRIOR_DOTS = 1
-"""The blind prior: a white box always holds one yellow dot."""
+PRIOR_PROB = 0.5
+"""The blind prior: a white box holds one yellow dot with probability ``PRIOR_PROB``, else random dots."""
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -128,7 +135,8 @@ class Scene:
     target: tuple[int, ...]
     """Indices into ``objects`` that the answer depends on (the box the question names)."""
     prior: bool
-    """True when the answer follows from the question alone (the white box)."""
+    """True when the blind prior gives the answer: the white box is asked about and its dots are yellow (multiple
+    choice) or one (numerical)."""
     num_frames: int = NUM_FRAMES
 
 
@@ -171,8 +179,8 @@ def _jitter(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
 
 
 def make_box(rng: np.random.Generator, outer: str, cell: int, start: int, span: int) -> SceneObject:
-    """A box of ``outer`` colour with random dots (one yellow dot if white: the prior)."""
-    if outer == PRIOR_OUTER:
+    """A box of ``outer`` colour with random dots (a white box: one yellow dot with probability ``PRIOR_PROB``)."""
+    if outer == PRIOR_OUTER and rng.random() < PRIOR_PROB:
         inner, n = PRIOR_INNER, PRIOR_DOTS
     else:
         inner, n = OPTION_COLOURS[int(rng.integers(0, len(OPTION_COLOURS)))], int(rng.integers(1, MAX_DOTS + 1))
@@ -193,7 +201,7 @@ def sample_scene(
     """One scene: ``min..max_per_frame`` boxes in every frame, exactly one of the asked outer colour.
 
     The asked colour is uniform over ``OUTER_COLOURS`` (so about 1 in 7 questions is about the white
-    box, the blind prior); the question is numerical with probability ``numerical_fraction``.
+    box, whose blind prior holds ~62% of the time); the question is numerical with probability ``numerical_fraction``.
     ``asked_span`` > 1 (the asked box visible in that many consecutive frames) and small per-frame
     counts are for training curricula only.
     """
@@ -224,7 +232,9 @@ def ask(rng: np.random.Generator, boxes: tuple[SceneObject, ...], numerical_frac
         problem_type = "multiple choice"
         question = COLOUR_QUESTION.format(colour=box.outer)
         answer = LETTERS[OPTION_COLOURS.index(box.inner)]
-    return Scene(boxes, problem_type, question, answer, (0,), box.outer == PRIOR_OUTER, num_frames)
+    prior = box.outer == PRIOR_OUTER and (box.inner == PRIOR_INNER if problem_type == "multiple choice"
+                                          else len(box.dots) == PRIOR_DOTS)  # fmt: skip
+    return Scene(boxes, problem_type, question, answer, (0,), prior, num_frames)
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = FPS) -> None:

@@ -93,3 +93,26 @@ def test_bad_record_is_skipped_counted_and_retried(tmp_path: Path) -> None:
     retry = FakeAdapter()
     run_blind_test([*recs, bad], retry, out, progress=False)
     assert len(retry.calls) == 1  # the errored record is not "finished": the rerun asks it again
+
+
+def test_training_file_is_filtered_once_and_the_run_config_names_it(tmp_path: Path, monkeypatch) -> None:
+    """``data.blind_filter``: ``cacovid-rl train`` blind-tests train_path once, then trains on (and records) it."""
+    from cacovid_rl import cli
+    from cacovid_rl.data.blind_test import blind_filtered_path
+    from cacovid_rl.data.records import save_records
+    from cacovid_rl.models import loading
+
+    train = tmp_path / "data" / "train.json"
+    save_records(_records(tmp_path), train, video_root=tmp_path)
+    built: list[FakeAdapter] = []
+    monkeypatch.setattr(loading, "load_adapter", lambda cfg: built.append(FakeAdapter()) or built[-1])
+    overrides = [f"data.train_path={train}", f"data.video_root={tmp_path}", "data.blind_filter=true"]
+    cfg = cli.blind_filter(cli.load_config(None, overrides))
+    out = blind_filtered_path(train)
+    assert out == tmp_path / "data" / "train.blind.json" and cfg.data.train_path == str(out)
+    assert not cfg.data.blind_filter  # the resolved config (config.yaml of the run) reads the filtered file as is
+    assert [r.sample_id for r in load_records(cfg.data.train_path, tmp_path).records] == ["s1", "s4"]
+    assert len(built) == 1 and len(built[0].calls) == 6
+    again = cli.blind_filter(cli.load_config(None, overrides))
+    assert again.data.train_path == str(out) and len(built) == 1  # reused: no model loaded, nothing asked
+    assert cli.blind_filter(cfg) is cfg  # flag off: untouched

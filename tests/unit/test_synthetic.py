@@ -91,15 +91,14 @@ def test_scene_invariants() -> None:
         assert all(3 <= per_frame[t] <= 5 for t in range(S.NUM_FRAMES)), "every frame has 3-5 salient boxes"
         cells = [(t, o.row, o.col) for o in scene.objects for t in o.frames()]
         assert len(set(cells)) == len(cells), "one box per cell and frame"
-        for o in scene.objects:  # the blind prior holds in every video
+        for o in scene.objects:
             assert 1 <= len(o.dots) <= S.MAX_DOTS and len(set(o.dots)) == len(o.dots)
-            if o.outer == S.PRIOR_OUTER:
-                assert (o.inner, len(o.dots)) == (S.PRIOR_INNER, S.PRIOR_DOTS)
         (k,) = scene.target
         asked = scene.objects[k]
         assert [o for o in scene.objects if o.outer == asked.outer] == [asked], "the question names one box"
         assert f" {asked.outer} box " in scene.question
-        assert scene.prior == (asked.outer == S.PRIOR_OUTER)
+        prior_answer = asked.inner == S.PRIOR_INNER if scene.problem_type == "multiple choice" else len(asked.dots) == 1
+        assert scene.prior == (asked.outer == S.PRIOR_OUTER and prior_answer)
         assert S.oracle_tokens(scene) == asked.token_indices() and len(asked.token_indices()) == 1
         if scene.problem_type == "multiple choice":
             assert scene.question == f"What colour are the dots in the {asked.outer} box ?"
@@ -113,7 +112,13 @@ def test_question_mix_and_prior_share() -> None:
     scenes = [_scene(i, seed=5) for i in range(900)]
     kinds = Counter("prior" if s.prior else "dots" if s.problem_type == "numerical" else "colour" for s in scenes)
     assert 0.2 < kinds["dots"] / 900 < 0.34
-    assert 0.07 < kinds["prior"] / 900 < 0.16  # something real for the blind test to drop
+    assert 0.05 < kinds["prior"] / 900 < 0.13  # something real for the blind test to drop
+    # ... but the prior only usually holds: white boxes with other dots exist (the blind test keeps those questions)
+    white = [o for s in scenes for o in s.objects if o.outer == S.PRIOR_OUTER]
+    follows = sum((o.inner, len(o.dots)) == (S.PRIOR_INNER, S.PRIOR_DOTS) for o in white) / len(white)
+    assert 0.45 < follows < 0.65, follows  # PRIOR_PROB 0.5, plus random dots that happen to match (1/16)
+    asked_white = [s for s in scenes if s.objects[s.target[0]].outer == S.PRIOR_OUTER]
+    assert 0.2 < sum(not s.prior for s in asked_white) / len(asked_white) < 0.55
     # no answer prior outside the white box
     answers = Counter(s.answer for s in scenes if s.problem_type == "multiple choice" and not s.prior)
     assert min(answers[c] for c in "ABCD") > 0.18 * sum(answers.values())
