@@ -170,11 +170,13 @@ def filter_training_file(
 ) -> tuple[Path, BlindTestSummary | None]:
     """Blind-test ``train_path`` once: the kept records' file (video paths relative to ``video_root``) and the counts.
 
-    When the kept file already exists it is returned as is (summary ``None``) and no model is loaded;
-    ``adapter_factory()`` builds the LLM only when there is something to ask.
+    When a complete earlier run wrote the kept file (its summary counts no errors) it is returned as is
+    (summary ``None``) and no model is loaded; otherwise ``adapter_factory()`` builds the LLM and the run
+    resumes, asking only the questions not answered yet (errored ones included).
     """
     out = blind_filtered_path(train_path)
-    if out.is_file():
+    done = summary_path(out)
+    if out.is_file() and done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("errors") == 0:
         return out, None
     report = load_records(train_path, video_root, check_videos=False)
     summary = run_blind_test(report.records, adapter_factory(), out, max_new_tokens, video_root=video_root)

@@ -116,3 +116,7 @@ def test_training_file_is_filtered_once_and_the_run_config_names_it(tmp_path: Pa
     again = cli.blind_filter(cli.load_config(None, overrides))
     assert again.data.train_path == str(out) and len(built) == 1  # reused: no model loaded, nothing asked
     assert cli.blind_filter(cfg) is cfg  # flag off: untouched
+    summary = json.loads(summary_path(out).read_text())
+    summary_path(out).write_text(json.dumps({**summary, "errors": 1}))  # a run that could not ask everything
+    cli.blind_filter(cli.load_config(None, overrides))
+    assert len(built) == 2 and built[1].calls == []  # resumed: the model is loaded, answered questions not re-asked
