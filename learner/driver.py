@@ -238,6 +238,8 @@ def train(
                     counters.actor_failures += 1
                     counters.redispatched += 1
                     queue.appendleft(item)
+                    if slot is not None and isinstance(exc, RayActorError):
+                        pool.mark_failed(slot)
                     continue
                 batch = results.setdefault(item["batch_index"], {})
                 if item["index"] in batch or item["batch_index"] < version:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.reward_actor import RewardActor
 from cacovid_rl.config import Config
@@ -28,12 +28,13 @@ class Slot:
     actor_id: str
     handle: Any
     info_ref: Any
-    node_id: str = ""
+    node_id: str = ""  # the node it last reported from (its ``info``); kept while it restarts
+    up: bool = False  # answered ``info`` since it started or last failed
     inflight: dict[Any, float] = field(default_factory=dict)  # status ref -> dispatch time
 
     @property
     def ready(self) -> bool:
-        return bool(self.node_id)
+        return self.up and bool(self.node_id)
 
 
 class ActorPool:
@@ -96,7 +97,7 @@ class ActorPool:
         orphaned: list[Any] = []
         alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for slot in list(self.slots.values()):
-            if slot.ready and slot.node_id not in alive_nodes:
+            if slot.node_id and slot.node_id not in alive_nodes:  # also while it restarts (not ready)
                 log.warning("node of %s left the cluster: removing it", slot.actor_id)
                 orphaned += self.remove(slot.actor_id)
         target = self.target_size()
@@ -129,9 +130,25 @@ class ActorPool:
             slot = pending[ref]
             try:
                 slot.node_id = ray.get(ref, timeout=1)["node_id"]
+                slot.up = True
+            except ActorDiedError as exc:  # out of restarts (or killed for good): replace it
+                log.warning("actor %s died for good, replacing it: %s", slot.actor_id, exc)
+                self.slots.pop(slot.actor_id, None)
+                self.removed += 1
             except (RayActorError, GetTimeoutError) as exc:
-                log.warning("actor %s failed to start: %s", slot.actor_id, exc)
+                log.warning("actor %s is not up yet: %s", slot.actor_id, exc)
                 slot.info_ref = slot.handle.info.remote()
+
+    def mark_failed(self, slot: Slot) -> None:
+        """A call to this actor failed: take it out of dispatch until it answers ``info`` again.
+
+        Ray restarts a crashed actor (``max_restarts``), maybe on another node; until then every call to it fails
+        at once, so dispatching to it would only burn the re-dispatch queue. The fresh ``info`` also records the
+        node the restarted actor landed on (the node-loss check uses it). An actor that is out of restarts answers
+        ``ActorDiedError`` and ``_poll_ready`` replaces it."""
+        if slot.actor_id in self.slots and slot.ready:
+            slot.up = False
+            slot.info_ref = slot.handle.info.remote()
 
     def wait_ready(self, n: int, timeout: float) -> None:
         """Block until at least ``n`` actors report ready (start-up)."""
@@ -173,7 +190,7 @@ class ActorPool:
         refs = list(slot.inflight)
         slot.inflight.clear()
         ray.kill(slot.handle, no_restart=False)
-        slot.node_id = ""
+        slot.up = False
         slot.info_ref = slot.handle.info.remote()
         return refs
 

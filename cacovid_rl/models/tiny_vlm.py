@@ -677,6 +677,9 @@ TRIED: list[str] = [
     "v2 shipped: the same curriculum plus an auxiliary loss on one attention head (layer 1, head 0: -log of the "
     "attention mass the answering position puts on the asked box, weight 0.5) teaches the binding directly: val 0.51 "
     "at step 900 where every run without it sat at chance",
+    "v3 shipped (boxes-v3: a white box holds one yellow dot with probability 0.5, else random dots): the v2 recipe "
+    "unchanged, seed 0, 5000 steps, 3318 s on one core: val 0.89 at step 1500, 1.00 from 4250; test 1.000 full, "
+    "0.335 random-10%, 0.931 oracle-10%, 0.474 colour saliency; text-only 1.0 on the prior questions",
 ]
 """Earlier attempts and their outcomes, copied into ``training_report.json``."""
 

@@ -74,7 +74,9 @@ def test_training_moves_the_policy_to_the_answer_tokens(tmp_path: Path) -> None:
         worker.policy.eval()
 
     top1_after, rank_after = _oracle_ranks(worker, seen)
-    # Measured (boxes task, debug config: G = 28, lr 3e-3, band cap 0.5, kl 0.01): top-1 0.62 -> 1.0, rank 1.1 ->
-    # 0.0; with the advantage sign flipped: top-1 0.62 -> 0.0, rank 1.1 -> 12.9.
-    assert top1_after >= top1_before + 0.2, (top1_before, top1_after)
+    # Measured (boxes-v3 task, shipped VLM of v3, debug config: G = 28, lr 3e-3, band cap 0.5, kl 0.01), top-1 and
+    # mean rank before -> after, data seed / policy seed: 11/0 0.25 -> 0.5, 3.3 -> 0.6; 11/1 0.38 -> 0.5, 2.9 -> 0.5;
+    # 12/0 0.13 -> 0.5, 8.3 -> 1.0; 13/2 0.0 -> 0.75, 14.1 -> 0.5. With the advantage sign flipped (11/0): top-1
+    # 0.25 -> 0.0, rank 3.3 -> 14.4. The rank is the robust signal; top-1 over 8 questions moves in steps of 1/8.
     assert rank_after <= rank_before / 2, (rank_before, rank_after)
+    assert top1_after >= max(top1_before + 0.1, 0.5), (top1_before, top1_after)
