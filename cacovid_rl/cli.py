@@ -72,11 +72,15 @@ def blind_filter(cfg: Config) -> Config:
     """
     if not cfg.data.blind_filter:
         return cfg
-    from cacovid_rl.data.blind_test import filter_training_file
-    from cacovid_rl.models.loading import load_adapter
+    from cacovid_rl.data.blind_test import filter_training_file, model_fingerprint
+    from cacovid_rl.models.loading import load_adapter, resolve_model_path
 
     out, summary = filter_training_file(
-        cfg.data.train_path, cfg.data.video_root, lambda: load_adapter(cfg.model), cfg.model.max_new_tokens
+        cfg.data.train_path,
+        cfg.data.video_root,
+        lambda: load_adapter(cfg.model),
+        cfg.model.max_new_tokens,
+        model=model_fingerprint(resolve_model_path(cfg.model.path)),
     )
     log = logging.getLogger("cacovid_rl")
     if summary is None:
@@ -177,7 +181,7 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
 def cmd_train_tiny_vlm(args: argparse.Namespace) -> int:
     from cacovid_rl.models.tiny_vlm import train_tiny_vlm
 
-    train_tiny_vlm(args.data, args.out, seed=args.seed)
+    train_tiny_vlm(args.data, args.out, seed=args.seed, init_from=args.init_from)
     return 0
 
 
@@ -236,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="synthetic dataset directory")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="a phase-1 (full-token) checkpoint of the same seed: run only phase 2 (pruned inputs) from it",
+    )
     p.set_defaults(func=cmd_train_tiny_vlm)
 
     # The report has its own parser (data layouts, retentions, baselines...): hand it the rest.

@@ -13,7 +13,9 @@ by the next run. The final outputs are the kept records (``out``, CaCoVID schema
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord, load_records, save_records
+
+log = logging.getLogger(__name__)
 
 
 class TextOnlyAnswerer(Protocol):
@@ -50,6 +54,8 @@ class BlindTestSummary:
     per_type: dict[str, TypeCounts] = field(default_factory=dict)
     out_path: str = ""
     summary_path: str = ""
+    model: str = ""
+    """Fingerprint of the LLM that answered (``model_fingerprint``): a cached result of another model is redone."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,12 +99,13 @@ def run_blind_test(
     progress: bool = True,
     correct_threshold: float = 1.0,
     video_root: str | Path | None = None,
+    model: str = "",
 ) -> BlindTestSummary:
     """Ask each question without video; write the records answered wrongly to ``out_path``; return the counts.
 
     A record is dropped when its reward (``cacovid_rl.rl.rewards.compute_reward``) reaches
     ``correct_threshold`` (1.0: fully correct). ``video_root``, if given, makes the written video
-    paths relative to it; otherwise they stay absolute.
+    paths relative to it; otherwise they stay absolute. ``model`` (a fingerprint) is recorded in the summary.
     """
     from cacovid_rl.rl.rewards import compute_reward
 
@@ -106,7 +113,7 @@ def run_blind_test(
     out.parent.mkdir(parents=True, exist_ok=True)
     prog = progress_path(out)
     done = _read_progress(prog)
-    summary = BlindTestSummary(out_path=str(out), summary_path=str(summary_path(out)))
+    summary = BlindTestSummary(out_path=str(out), summary_path=str(summary_path(out)), model=model)
     kept: list[QARecord] = []
     bar = None
     if progress:
@@ -162,22 +169,48 @@ def blind_filtered_path(train_path: str | Path) -> Path:
     return p.with_name(p.stem + ".blind.json")
 
 
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identifies a local checkpoint without reading its weights (a 7B one is ~15 GB): the directory, its
+    ``config.json`` and the name, size and modification time of each weight file."""
+    d = Path(model_dir).resolve()
+    h = hashlib.sha256(str(d).encode())
+    cfg = d / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def filter_training_file(
     train_path: str | Path,
     video_root: str | Path,
     adapter_factory: Callable[[], TextOnlyAnswerer],
     max_new_tokens: int = 16,
+    model: str = "",
 ) -> tuple[Path, BlindTestSummary | None]:
     """Blind-test ``train_path`` once: the kept records' file (video paths relative to ``video_root``) and the counts.
 
-    When a complete earlier run wrote the kept file (its summary counts no errors) it is returned as is
-    (summary ``None``) and no model is loaded; otherwise ``adapter_factory()`` builds the LLM and the run
-    resumes, asking only the questions not answered yet (errored ones included).
+    When a complete earlier run of the same ``model`` (fingerprint) wrote the kept file (its summary counts no
+    errors) it is returned as is (summary ``None``) and no model is loaded. Results of another model (a
+    retrained or replaced checkpoint) are discarded. Otherwise ``adapter_factory()`` builds the LLM and the
+    run resumes, asking only the questions not answered yet (errored ones included).
     """
     out = blind_filtered_path(train_path)
     done = summary_path(out)
-    if out.is_file() and done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("errors") == 0:
+    prev = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+    if prev is not None and prev.get("model", "") != model:
+        log.warning(
+            "%s was made by another model (%s, now %s): running the blind test again",
+            out,
+            prev.get("model") or "unrecorded",
+            model or "unrecorded",
+        )
+        for stale in (out, done, progress_path(out)):
+            stale.unlink(missing_ok=True)
+    elif out.is_file() and prev is not None and prev.get("errors") == 0:
         return out, None
     report = load_records(train_path, video_root, check_videos=False)
-    summary = run_blind_test(report.records, adapter_factory(), out, max_new_tokens, video_root=video_root)
+    summary = run_blind_test(report.records, adapter_factory(), out, max_new_tokens, video_root=video_root, model=model)
     return out, summary

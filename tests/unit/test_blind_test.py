@@ -120,3 +120,32 @@ def test_training_file_is_filtered_once_and_the_run_config_names_it(tmp_path: Pa
     summary_path(out).write_text(json.dumps({**summary, "errors": 1}))  # a run that could not ask everything
     cli.blind_filter(cli.load_config(None, overrides))
     assert len(built) == 2 and built[1].calls == []  # resumed: the model is loaded, answered questions not re-asked
+
+
+def test_a_cached_blind_test_of_another_model_is_redone(tmp_path: Path, monkeypatch) -> None:
+    """Retraining or replacing the checkpoint changes what it answers blind: the cached filter must not be reused."""
+    from cacovid_rl import cli
+    from cacovid_rl.data.blind_test import blind_filtered_path, model_fingerprint
+    from cacovid_rl.data.records import save_records
+    from cacovid_rl.models import loading
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llava_onevision"}')
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    train = tmp_path / "data" / "train.json"
+    save_records(_records(tmp_path), train, video_root=tmp_path)
+    built: list[FakeAdapter] = []
+    monkeypatch.setattr(loading, "load_adapter", lambda cfg: built.append(FakeAdapter()) or built[-1])
+    overrides = [f"data.train_path={train}", f"data.video_root={tmp_path}", "data.blind_filter=true"]
+    overrides.append(f"model.path={model}")
+    cli.blind_filter(cli.load_config(None, overrides))
+    first = model_fingerprint(model)
+    assert json.loads(summary_path(blind_filtered_path(train)).read_text())["model"] == first
+    cli.blind_filter(cli.load_config(None, overrides))
+    assert len(built) == 1  # same model: reused
+    (model / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert model_fingerprint(model) != first
+    cli.blind_filter(cli.load_config(None, overrides))
+    assert len(built) == 2 and len(built[1].calls) == 6  # another model: every question asked again
+    assert json.loads(summary_path(blind_filtered_path(train)).read_text())["model"] == model_fingerprint(model)
