@@ -163,6 +163,7 @@ def train(
     qps, lag = cfg.learner.questions_per_step, cfg.learner.max_staleness
     total = cfg.learner.total_steps
     end = total if stop_after_updates is None else min(total, version + stop_after_updates)
+    progress = _Progress(version, end)
     queue: deque[dict[str, Any]] = deque()
     inflight: dict[Any, tuple[dict[str, Any], Any]] = {}  # status ref -> (item, payload ref)
     results: dict[int, dict[int, tuple[dict[str, Any], Any]]] = {}
@@ -285,6 +286,7 @@ def train(
                 }
                 t_last = now
                 metrics.log(step_metrics, step=version)
+                progress.update(version, step_metrics)
                 if version % cfg.learner.checkpoint_every == 0 or version == end:
                     _checkpoint(learner, cfg, version, counters, ckpt_root)
                 if eval_ref is None and cfg.eval.every_steps and version % cfg.eval.every_steps == 0:
@@ -307,11 +309,38 @@ def train(
         }
         return summary
     finally:
+        progress.close()
         metrics.close()
         pool.shutdown()
         ray.kill(learner)
         if started_ray:
             ray.shutdown()
+
+
+class _Progress:
+    """A tqdm bar of policy updates on a terminal (reward, loss, s/update), and a log line every tenth of the
+    run for logs that are not a terminal (``ray job logs``, CI), where a bar would be noise."""
+
+    def __init__(self, start: int, end: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=end, initial=start, desc="policy updates", unit="update", disable=None)
+        self.every = max(1, (end - start) // 10)
+        self.start, self.end = start, end
+
+    def update(self, version: int, m: dict[str, Any]) -> None:
+        shown = {
+            "reward": m.get("reward/mean", float("nan")),
+            "loss": m.get("loss/total", float("nan")),
+            "s/update": m.get("timing/step", float("nan")),
+        }
+        self.bar.update(version - self.bar.n)
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        if self.bar.disable and ((version - self.start) % self.every == 0 or version == self.end):
+            log.info("update %d/%d: %s", version, self.end, ", ".join(f"{k} {v:.3g}" for k, v in shown.items()))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _checkpoint(learner, cfg: Config, version: int, counters: Counters, root: Path) -> None:

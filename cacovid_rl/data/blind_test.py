@@ -119,7 +119,7 @@ def run_blind_test(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(records), desc="blind test", unit="q")
+        bar = tqdm(total=len(records), desc="blind test", unit="q", disable=None)  # off when not a terminal
     with prog.open("a", encoding="utf-8") as log:
         if prog.stat().st_size and not prog.read_bytes().endswith(b"\n"):
             log.write("\n")  # end the torn line of a killed run so the next row starts on its own line
