@@ -34,7 +34,7 @@ class Slot:
 
     @property
     def ready(self) -> bool:
-        return self.up and bool(self.node_id)
+        return self.up  # ``info`` sets node_id and up together
 
 
 class ActorPool:

@@ -586,17 +586,9 @@ def pruned_keep(
     if data.boxes and torch.rand((), generator=generator).item() < box_padding:
         boxes = torch.tensor(data.boxes[i], dtype=torch.long)
         boxes = boxes[torch.randperm(boxes.numel(), generator=generator)]
-        rest = torch.cat([boxes, rest])
+        rest = torch.cat([boxes, rest[~torch.isin(rest, boxes)]])  # the boxes first, then the other tokens
     rest = rest[~torch.isin(rest, must)]
-    rest = _first_unique(rest)
     return torch.cat([must, rest[: budget - must.numel()]])
-
-
-def _first_unique(x: torch.Tensor) -> torch.Tensor:
-    """``x`` without repeats, first occurrences in order."""
-    seen: set[int] = set()
-    out = [v for v in x.tolist() if not (v in seen or seen.add(v))]
-    return torch.tensor(out, dtype=torch.long)
 
 
 def select_tokens(
