@@ -185,6 +185,20 @@ def cmd_train_tiny_vlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from cacovid_rl.policy.official import OfficialCheckpointError, convert_official
+
+    try:
+        summary = convert_official(
+            args.ckpt_dir, args.out, attention=args.attention, dtype=args.dtype, overwrite=args.force
+        )
+    except OfficialCheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval_defaults"}, indent=2))
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     from cacovid_rl.eval.report import build_parser as report_parser
     from cacovid_rl.eval.report import main as report_main
@@ -246,6 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="a phase-1 (full-token) checkpoint of the same seed: run only phase 2 (pruned inputs) from it",
     )
     p.set_defaults(func=cmd_train_tiny_vlm)
+
+    p = sub.add_parser(
+        "convert-official", help="turn an official CaCoVID checkpoint's compression_policy into a policy directory"
+    )
+    p.add_argument("ckpt_dir", help="official checkpoint: config.json + safetensors (sharded with an index, or one)")
+    p.add_argument("--out", required=True, help="policy directory to write (model.safetensors + policy_config.json)")
+    p.add_argument(
+        "--attention",
+        default="causal",
+        choices=["causal", "bidirectional"],
+        help="causal: what the official run computed (flash-attention-2 ignored its is_causal=False), the default "
+        "for reproducing the released checkpoint; bidirectional: what that flag meant",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto keeps the checkpoint's (the released 7B is bfloat16)",
+    )
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_convert_official)
 
     # The report has its own parser (data layouts, retentions, baselines...): hand it the rest.
     p = sub.add_parser(

@@ -99,7 +99,12 @@ class SamplingConfig:
     frame_ratio: float = 0.125
     """Fraction of frames kept by a frame-mode sample."""
     knn_k: int = 4
-    """Neighbours used by the DPC-KNN density."""
+    """Neighbours used by the DPC-KNN density (the token itself counts as its own nearest neighbour, as in the
+    official code)."""
+    frame_cap: Literal["official", "per_frame"] = "official"
+    """Frame-mode draw probabilities. ``official``: what the official code computes at run time (its 3/t cap is
+    applied to the repeated (samples x t) softmax matrix, so for t <= 32 frames are drawn from max(softmax, 1/64)
+    renormalised); ``per_frame``: the cap the official code means, each frame at most 3/t (water-filling)."""
 
     @property
     def num_samples(self) -> int:
@@ -155,7 +160,11 @@ class LearnerConfig:
     """Decoder-layer learning rate as a fraction of ``lr``."""
     weight_decay: float = 0.01
     grad_clip: float = 5.0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "linear", "official_cosine"] = "cosine"
+    """LR multiplier: ``cosine`` (one half-cosine over the run's optimiser steps), ``constant``, ``linear``
+    decay, or ``official_cosine``: the official run's schedule, a cosine sized for the number of questions but
+    stepped once per iteration, so it falls to 0 and climbs back ``rollout.iterations / 2`` times over the run
+    (needed to match the released checkpoint; golden/rate_and_schedule.json)."""
     warmup_steps: int = 0
     total_steps: int = 1000
     """Policy updates (questions-per-step batches) before the run stops; 0 = one epoch of the training data."""
@@ -224,11 +233,24 @@ class EvalConfig:
     max_samples: int = 0
     """Evaluate on at most this many held-out records (0: all)."""
     imp_ratio: float = 0.5
+    """Share of the evaluation budget given to per-frame top-scored tokens; the rest is spread evenly (coverage)."""
+    max_ratio_scale: float = 1.5
+    """Per-frame cap of the importance quotas as a multiple of the retention (the official
+    ``max_sample_ratio_for_each_frame`` is 1.5 x retention)."""
 
     def validate(self) -> None:
+        _check(self.max_ratio_scale > 0, "eval.max_ratio_scale", "must be > 0")
         for r in self.retentions:
             _check(0.0 < r <= 1.0, "eval.retentions", f"ratio {r} must be in (0, 1]")
         _check(0.0 <= self.imp_ratio <= 1.0, "eval.imp_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    fix_official_bugs: bool = True
+    """Correct the official reward's evident bugs (a ``nan`` regression prediction scoring 1, an exact 0 against
+    ground truth 0 scoring 0, empty strings matching, decimal commas, non-ASCII free-form text; the list is in
+    docs/ARCHITECTURE.md). ``false`` reproduces the official rewards bit for bit."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +268,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -76,11 +76,17 @@ class PolicyScores:
 
 @dataclass
 class Combinations:
-    """``G`` sampled token combinations of one question: ``keep`` ``[G, K]`` sorted flat indices, ``mode`` ``[G]``."""
+    """``G`` sampled token combinations of one question: ``keep`` ``[G, K]`` sorted flat indices, ``mode`` ``[G]``.
+
+    ``frame_mask`` ``[G, T]`` (bool) is what the frame loss counts as a kept frame: for frame-mode rows the frames
+    that were *drawn* (as the official loss does, even when DPC-KNN then gives a drawn frame no token), for the
+    other rows the frames holding any kept token. ``None`` means "derive from ``keep``" (frames with a kept token).
+    """
 
     keep: torch.Tensor
     mode: torch.Tensor
     rate: float = 0.0
+    frame_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.keep.shape[0])
@@ -99,11 +105,13 @@ class QuestionMemory:
     rewards: list[torch.Tensor] = field(default_factory=list)
     iteration: list[torch.Tensor] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
+    frame_mask: list[torch.Tensor | None] = field(default_factory=list)
 
     def append(self, combos: Combinations, rewards: torch.Tensor) -> None:
         it = len(self.rates)
         self.keep.append(combos.keep)
         self.mode.append(combos.mode)
+        self.frame_mask.append(combos.frame_mask)
         self.rewards.append(rewards.float())
         self.iteration.append(torch.full((len(combos),), it, dtype=torch.long))
         self.rates.append(combos.rate)

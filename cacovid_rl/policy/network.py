@@ -1,9 +1,16 @@
 """The CaCoVID policy network (method.md, "Policy network").
 
 One decoder layer of the LLM's own architecture (a copy of its layer 0, or re-initialised), its own
-rotary embedding, an RMSNorm and two scoring heads (MLPs ``d -> d/2 -> d/4 -> d/8 -> d/16 -> 2`` with
-SiLU): the token head on every video token, the frame head on each frame's mean token. A score is
-``logit[1] - logit[0]``, the Bernoulli log-odds of keeping.
+rotary embedding, an RMSNorm (with Qwen2RMSNorm's numerics, as the official policy) and two scoring heads
+(MLPs ``d -> d/2 -> d/4 -> d/8 -> d/16 -> 2`` with SiLU): the token head on every normalised video token,
+the frame head on the normalised mean of a frame's hidden states, ``frame_head(norm(mean_j h[t, j]))``
+(the mean is taken *before* the norm, as the official ``CompressionPolicy`` does). A score is
+``logit[1] - logit[0]``, the Bernoulli log-odds of keeping; ``CacovidPolicy.logits`` gives the logits.
+
+Frame pooling order (``frame_pool`` in ``policy_config.json``): ``mean_then_norm`` is the official order and
+what every new policy uses. Policies saved before the marker existed were trained with ``norm_then_mean``
+(the mean of the normalised tokens); ``from_pretrained`` loads a directory without the marker in that order
+so such a policy keeps the scores it was trained to give.
 
 Question match (``PolicyConfig.question_match``, on by default; an addition to the paper's policy): a
 bilinear term ``<A ln(v), B ln(q)> / sqrt(r)`` between each video token ``v`` and the mean ``q`` of the
@@ -51,6 +58,10 @@ from cacovid_rl.types import EncodedQuestion, PolicyScores
 CONFIG_FILE = "policy_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "cacovid-policy/1"
+FRAME_POOLS = ("mean_then_norm", "norm_then_mean")
+"""Frame-head input: ``norm(mean(h))`` (official, the default) or ``mean(norm(h))`` (policies saved before the
+``frame_pool`` marker)."""
+LEGACY_FRAME_POOL = "norm_then_mean"
 
 
 def score_head(hidden_size: int) -> nn.Sequential:
@@ -118,8 +129,12 @@ class CacovidPolicy(nn.Module):
         *,
         bidirectional: bool = True,
         question_match: bool = True,
+        frame_pool: str = "mean_then_norm",
     ) -> None:
         super().__init__()
+        if frame_pool not in FRAME_POOLS:
+            raise ValueError(f"frame_pool must be one of {FRAME_POOLS}, got {frame_pool!r}")
+        self.frame_pool = frame_pool
         self.text_config = text_config
         self.layer = layer
         self.rotary = rotary
@@ -184,19 +199,23 @@ class CacovidPolicy(nn.Module):
             config=self.text_config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=None
         )
 
-    def forward(
+    def _rms_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.norm`` with Qwen2RMSNorm's numerics (the official policy's norm): normalise in float32, round
+        to the input dtype, then scale. Calling ``nn.RMSNorm`` itself differs by one ulp in about a quarter of
+        the outputs in bf16 (the released checkpoint's dtype); in float32 the two agree to rounding."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.norm.eps)
+        return self.norm.weight * x32.to(x.dtype)
+
+    def _heads(
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         video_start: int,
         num_frames: int,
         tokens_per_frame: int,
-    ) -> PolicyScores:
-        """Scores of the whole LLM input ``inputs_embeds`` (``[L, D]`` or ``[1, L, D]``).
-
-        ``position_ids``: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE), optionally with a batch axis of 1.
-        Returns float32 ``PolicyScores(token [T, N], frame [T])``.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token logits ``[T, N, 2]``, frame logits ``[T, 2]`` (policy dtype) and the normalised hidden states."""
         x = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds[None]
         if x.dim() != 3 or x.shape[0] != 1:
             raise ValueError(f"inputs_embeds must be [L, D] or [1, L, D], got {tuple(inputs_embeds.shape)}")
@@ -210,12 +229,51 @@ class CacovidPolicy(nn.Module):
         if pos.dim() == 1 or (pos.dim() == 2 and pos.shape[0] == 3):
             pos = pos[None] if pos.dim() == 1 else pos[:, None]
         h = self.layer(x, attention_mask=self._mask(x), position_embeddings=self.rotary(x, pos), position_ids=None)
-        h = self.norm(h[0] if isinstance(h, tuple) else h)
-        video = h[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
-        token = self.token_head(video).float()
-        frame = self.frame_head(video.mean(dim=1)).float()
+        h = h[0] if isinstance(h, tuple) else h
+        normed = self._rms_norm(h)
+        video = normed[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
+        if self.frame_pool == "mean_then_norm":
+            raw = h[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
+            frame_in = self._rms_norm(raw.mean(dim=1))
+        else:
+            frame_in = video.mean(dim=1)
+        return self.token_head(video), self.frame_head(frame_in), normed
+
+    def logits(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        video_start: int,
+        num_frames: int,
+        tokens_per_frame: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' 2-column logits, float32: token ``[T, N, 2]``, frame ``[T, 2]``.
+
+        These are what the official ``CompressionPolicy.forward(return_logits=True)`` returns (token logits
+        flattened to ``[T*N, 2]`` there). The question-match term is not in them: it is added to the scores.
+        """
+        token, frame, _ = self._heads(inputs_embeds, position_ids, video_start, num_frames, tokens_per_frame)
+        return token.float(), frame.float()
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        video_start: int,
+        num_frames: int,
+        tokens_per_frame: int,
+    ) -> PolicyScores:
+        """Scores of the whole LLM input ``inputs_embeds`` (``[L, D]`` or ``[1, L, D]``).
+
+        ``position_ids``: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE), optionally with a batch axis of 1.
+        Returns float32 ``PolicyScores(token [T, N], frame [T])``.
+        """
+        token, frame, h = self._heads(inputs_embeds, position_ids, video_start, num_frames, tokens_per_frame)
+        token, frame = token.float(), frame.float()
         token_score, frame_score = token[..., 1] - token[..., 0], frame[..., 1] - frame[..., 0]
         if self.match is not None:
+            n_video = num_frames * tokens_per_frame
+            video = h[0, video_start : video_start + n_video].view(num_frames, tokens_per_frame, -1)
             text = torch.cat([h[0, :video_start], h[0, video_start + n_video :]])
             if text.shape[0] == 0:
                 raise ValueError("the question-match head needs text tokens around the video block, found none")
@@ -260,17 +318,27 @@ class CacovidPolicy(nn.Module):
             "rotary_class": _qualname(self.rotary),
             "bidirectional": self.bidirectional,
             "question_match": self.match is not None,
+            "frame_pool": self.frame_pool,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attn_implementation": self.text_config._attn_implementation,
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``policy_config.json`` (enough to rebuild without the LLM)."""
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` + ``policy_config.json`` (enough to rebuild without the LLM).
+
+        ``extra``: more top-level keys for ``policy_config.json`` (e.g. where a converted policy came from);
+        the loader ignores them, and they may not shadow the keys it reads.
+        """
+        meta = self.config_dict()
+        clash = sorted(set(extra or {}) & set(meta))
+        if clash:
+            raise ValueError(f"extra policy_config.json keys {clash} would overwrite the policy's own")
+        meta.update(extra or {})
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -300,6 +368,8 @@ class CacovidPolicy(nn.Module):
             text_config,
             bidirectional=bool(meta["bidirectional"]),
             question_match=bool(meta.get("question_match", False)),
+            # No marker: saved before the official order was adopted, so trained on the old one.
+            frame_pool=meta.get("frame_pool", LEGACY_FRAME_POOL),
         )
         policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         return policy.to(device) if device is not None else policy

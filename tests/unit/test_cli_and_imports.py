@@ -9,7 +9,7 @@ import pytest
 
 from cacovid_rl.cli import main
 
-SUBCOMMANDS = ["train", "eval", "answer", "blind-test", "make-synthetic", "train-tiny-vlm", "report"]
+SUBCOMMANDS = ["train", "eval", "answer", "blind-test", "make-synthetic", "train-tiny-vlm", "report", "convert-official"]
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)

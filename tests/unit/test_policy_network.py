@@ -1,6 +1,9 @@
-"""CacovidPolicy: layer-0 init, bidirectional attention, heads, optimiser groups, persistence, flat state."""
+"""CacovidPolicy: layer-0 init, bidirectional attention, heads and frame pooling, optimiser groups, persistence,
+flat state."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -238,3 +241,88 @@ def test_question_match_learns_to_bind_a_token_to_the_question(family, question_
         assert top1 >= 0.9, top1
     else:
         assert top1 <= 0.5, top1
+
+
+def _layer_output(policy: CacovidPolicy, enc) -> torch.Tensor:
+    """The decoder layer's output ``[L, D]`` for ``enc`` (before the policy's norm)."""
+    seen: dict[str, torch.Tensor] = {}
+    handle = policy.layer.register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
+    try:
+        policy.logits(enc.inputs_embeds, enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame)
+    finally:
+        handle.remove()
+    return seen["h"].reshape(-1, seen["h"].shape[-1])
+
+
+@pytest.mark.parametrize("question_match", [False, True])
+def test_score_is_the_logit_difference_of_the_heads(adapter, enc, question_match):
+    torch.manual_seed(7)
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(question_match=question_match))
+    token, frame = policy.logits(
+        enc.inputs_embeds, enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame
+    )
+    assert token.shape == (enc.num_frames, enc.tokens_per_frame, 2) and frame.shape == (enc.num_frames, 2)
+    assert token.dtype == frame.dtype == torch.float32
+    scores = policy.score(enc)  # a fresh match term is zero, so the scores are the heads' alone
+    torch.testing.assert_close(scores.token, token[..., 1] - token[..., 0], rtol=0, atol=0)
+    torch.testing.assert_close(scores.frame, frame[..., 1] - frame[..., 0], rtol=0, atol=1e-6)
+
+
+def test_frame_head_takes_the_mean_before_the_norm(adapter, enc):
+    """Official order: frame logits = frame_head(norm(mean of the frame's hidden states)); token logits =
+    token_head(norm(hidden state))."""
+    torch.manual_seed(8)
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(question_match=False))
+    assert policy.frame_pool == "mean_then_norm"
+    with torch.no_grad():
+        token, frame = policy.logits(
+            enc.inputs_embeds, enc.position_ids, enc.video_start, enc.num_frames, enc.tokens_per_frame
+        )
+        h = _layer_output(policy, enc)
+        video = h[enc.video_start : enc.video_start + enc.num_video_tokens].view(enc.num_frames, -1, h.shape[-1])
+        official = policy.frame_head(policy.norm(video.mean(dim=1)))
+        legacy = policy.frame_head(policy.norm(video).mean(dim=1))
+        torch.testing.assert_close(frame, official, rtol=0, atol=1e-6)
+        torch.testing.assert_close(token, policy.token_head(policy.norm(video)), rtol=0, atol=1e-6)
+        assert (official - legacy).abs().max() > 1e-4  # the two orders differ, so the check above means something
+
+
+def test_directory_without_frame_pool_marker_keeps_the_old_order(adapter, enc, tmp_path):
+    """Policies saved before the marker were trained norm-then-mean and must keep their scores."""
+    torch.manual_seed(9)
+    policy = CacovidPolicy.from_adapter(adapter, PolicyConfig(question_match=False))
+    policy.save_pretrained(tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "policy_config.json").read_text())
+    assert meta["frame_pool"] == "mean_then_norm"
+    del meta["frame_pool"]
+    policy.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "policy_config.json").write_text(json.dumps(meta))
+    new, old = CacovidPolicy.from_pretrained(tmp_path / "new"), CacovidPolicy.from_pretrained(tmp_path / "old")
+    assert new.frame_pool == "mean_then_norm" and old.frame_pool == "norm_then_mean"
+    with torch.no_grad():
+        h = _layer_output(old, enc)
+        video = h[enc.video_start : enc.video_start + enc.num_video_tokens].view(enc.num_frames, -1, h.shape[-1])
+        legacy = old.frame_head(old.norm(video).mean(dim=1)).float()
+        torch.testing.assert_close(old.score(enc).frame, legacy[:, 1] - legacy[:, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(new.score(enc).frame, policy.score(enc).frame, rtol=0, atol=0)
+        torch.testing.assert_close(old.score(enc).token, new.score(enc).token, rtol=0, atol=0)  # tokens: same
+    old.save_pretrained(tmp_path / "resaved")  # a re-save (e.g. a resumed run) keeps the order it was loaded with
+    assert CacovidPolicy.from_pretrained(tmp_path / "resaved").frame_pool == "norm_then_mean"
+    with pytest.raises(ValueError, match="frame_pool"):
+        CacovidPolicy(policy.layer, policy.rotary, policy.text_config, frame_pool="max")
+    with pytest.raises(ValueError, match="overwrite"):
+        policy.save_pretrained(tmp_path / "clash", extra={"frame_pool": "norm_then_mean"})
+
+
+def test_norm_has_the_official_qwen2_rmsnorm_numerics(adapter):
+    """The official policy norms with Qwen2RMSNorm (float32 normalise, round, scale): bit-equal in bf16 too."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    policy = CacovidPolicy.from_adapter(adapter).to(torch.bfloat16)
+    torch.manual_seed(10)
+    with torch.no_grad():
+        policy.norm.weight.copy_(1 + 0.1 * torch.randn(adapter.hidden_size))
+        official = Qwen2RMSNorm(adapter.hidden_size, eps=policy.norm.eps).to(torch.bfloat16)
+        official.weight.copy_(policy.norm.weight)
+        x = (torch.randn(64, adapter.hidden_size) * 30).to(torch.bfloat16)
+        assert torch.equal(policy._rms_norm(x), official(x))
