@@ -100,12 +100,14 @@ def run_blind_test(
     correct_threshold: float = 1.0,
     video_root: str | Path | None = None,
     model: str = "",
+    fix_official_bugs: bool = True,
 ) -> BlindTestSummary:
     """Ask each question without video; write the records answered wrongly to ``out_path``; return the counts.
 
     A record is dropped when its reward (``cacovid_rl.rl.rewards.compute_reward``) reaches
     ``correct_threshold`` (1.0: fully correct). ``video_root``, if given, makes the written video
     paths relative to it; otherwise they stay absolute. ``model`` (a fingerprint) is recorded in the summary.
+    ``fix_official_bugs`` is the reward's switch (``reward.fix_official_bugs``).
     """
     from cacovid_rl.rl.rewards import compute_reward
 
@@ -134,7 +136,7 @@ def run_blind_test(
             else:
                 try:
                     prediction = adapter.generate_text_only(build_prompt(rec.problem, rec.problem_type), max_new_tokens)
-                    reward = float(compute_reward(prediction, rec.answer, rec.problem_type))
+                    reward = float(compute_reward(prediction, rec.answer, rec.problem_type, fix_official_bugs))
                     row = {"key": key, "prediction": prediction, "reward": reward}
                 except Exception as exc:  # a bad record must not stop a long run: count it, retry next run
                     log.write(json.dumps({"key": key, "error": f"{type(exc).__name__}: {exc}"}) + "\n")

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+from cacovid_rl.answers import PROBLEM_TYPES
 
-# Bare-answer instructions, adapted from Video-R1's per-type answer templates.
+# The official per-type instructions (grpo_video.py TYPE_TEMPLATE), appended after "{problem}\n"; each starts
+# with a space, so the instruction line begins with one.
 INSTRUCTIONS: dict[str, str] = {
-    "multiple choice": "Please provide only the single option letter (e.g., A, B, C, D, etc.).",
-    "numerical": "Please provide the numerical value (e.g., 42 or 3.14).",
-    "OCR": "Please transcribe text from the image/video clearly and provide your text answer.",
-    "free-form": "Please provide your text answer.",
-    "regression": "Please provide the numerical value (e.g., 42 or 3.14).",
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.).",
+    "numerical": " Please provide the numerical value (e.g., 42 or 3.14).",
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer.",
+    "free-form": " Please provide your text answer.",
+    "regression": " Please provide the numerical value (e.g., 42 or 3.14).",
 }
 
 
 def build_prompt(problem: str, problem_type: str) -> str:
-    """The question followed by the bare-answer instruction of its type."""
+    """The official query: ``problem + "\n"`` then the instruction of its type, the problem kept verbatim."""
     try:
         instruction = INSTRUCTIONS[problem_type]
     except KeyError:
         raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {list(PROBLEM_TYPES)}") from None
-    return f"{problem.rstrip()}\n{instruction}"
+    return f"{problem}\n{instruction}"
 
 
 def chat_messages(prompt: str, video: bool = True) -> list[dict[str, Any]]:

@@ -18,16 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cacovid_rl.data.prompts import PROBLEM_TYPES
-
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from cacovid_rl.answers import PROBLEM_TYPES, extract_answer
 
 
 class DataError(ValueError):
@@ -36,7 +33,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class QARecord:
-    """One video question. ``answer`` is the ground truth extracted from ``solution``; ``video`` is absolute."""
+    """One video question. ``answer`` is the ground truth parsed from ``solution`` by the reward's own parser
+    (``cacovid_rl.answers.extract_answer``); ``video`` is absolute."""
 
     sample_id: str
     problem: str
@@ -63,12 +61,6 @@ class LoadReport:
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         return f"{len(self.records)} records loaded, {self.num_skipped} skipped ({reasons})"
-
-
-def extract_answer(solution: str) -> str:
-    """The text inside ``<answer>...</answer>`` (stripped), or the whole stripped text when there are no tags."""
-    m = _ANSWER_RE.search(solution)
-    return (m.group(1) if m else solution).strip()
 
 
 class _Skip(ValueError):

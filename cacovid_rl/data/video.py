@@ -1,13 +1,17 @@
-"""Frame sampling and decoding (decord), following the LLaVA-OneVision recipe of method.md.
+"""Frame sampling and decoding (decord): the official ``read_video_decode`` (grpo_video.py).
 
-``num_frames`` frames are sampled uniformly (linspace) over the video, but never more than
-``max_fps`` frames per second of video: a 5-second clip at ``max_fps=1`` gives 5 frames even when
-32 are asked for. At least one frame is always returned.
+``num_frames`` frames are sampled uniformly over the video, but never more than ``max_fps`` frames per second
+of video: ``min(num_frames, total_frames, int(total_frames / avg_fps * max_fps))`` indices
+``round(linspace(0, total_frames - 1, n))``, rounded half to even like Python's ``round``. A 5-second clip at
+``max_fps=1`` gives 5 frames even when 32 are asked for.
+
+Deliberate deviations, for inputs the official code cannot read at all: a clip shorter than ``1 / max_fps``
+seconds gives one frame (the official asks for 0 frames and fails), and an unknown frame rate (some containers
+report 0; the official divides by it) is read as one frame per second.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +35,8 @@ def sample_frame_indices(total_frames: int, fps: float, num_frames: int, max_fps
     if max_fps <= 0:
         raise ValueError(f"max_fps must be > 0, got {max_fps}")
     duration = total_frames / fps if fps and fps > 0 else float(total_frames)
-    # A small epsilon keeps 8.0 s * 1 fps at 8 frames despite float rounding of the duration.
-    cap = max(1, math.floor(duration * max_fps + 1e-6))
-    n = max(1, min(num_frames, total_frames, cap))
+    n = max(1, min(num_frames, total_frames, int(duration * max_fps)))
+    # ndarray.round is round-half-to-even, the rule of the official per-element Python round().
     return np.linspace(0, total_frames - 1, n).round().astype(np.int64)
 
 

@@ -60,6 +60,7 @@ def select_all(
     methods: list[str],
     retentions: tuple[float, ...] | list[float],
     imp_ratio: float = 0.5,
+    max_ratio_scale: float = 1.5,
 ) -> dict[tuple[str, float], torch.Tensor]:
     """Kept tokens of every (method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None."""
     out: dict[tuple[str, float], torch.Tensor] = {}
@@ -68,7 +69,10 @@ def select_all(
     for m in methods:
         if m == ORACLE and ctx.oracle_tokens is None:
             continue
-        selector = get_selector(m, imp_ratio=imp_ratio) if m == "cacovid" else get_selector(m)
+        if m == "cacovid":
+            selector = get_selector(m, imp_ratio=imp_ratio, max_ratio_scale=max_ratio_scale)
+        else:
+            selector = get_selector(m)
         for r in retentions:
             out[(m, float(r))] = selector.select(ctx, r)
     return out
@@ -86,6 +90,8 @@ def evaluate(
     max_new_tokens: int = 16,
     seed: int = 0,
     imp_ratio: float = 0.5,
+    max_ratio_scale: float = 1.5,
+    fix_official_bugs: bool = True,
     progress: bool = False,
     oracle: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
@@ -123,11 +129,13 @@ def evaluate(
             scores = policy.score(enc) if policy is not None else None
             tokens = None if oracle is None else oracle.get(rec.sample_id)
             ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen, oracle_tokens=tokens)
-            full += compute_reward(adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type)
-            keeps = select_all(ctx, methods, retentions, imp_ratio)
+            full += compute_reward(
+                adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type, fix_official_bugs
+            )
+            keeps = select_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
             answers = answer_selections(adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens)
             for (m, r), _ in keeps.items():
-                sums[m][str(r)] += compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+                sums[m][str(r)] += compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix_official_bugs)
             for m in {m for m, _ in keeps}:
                 counts[m] += 1
         n += 1

@@ -255,14 +255,15 @@ def evaluate_runs(
         with torch.no_grad():
             enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
             full = adapter.generate(enc, None, cfg.model.max_new_tokens)[0]
-            row["full"] = compute_reward(full, rec.answer, rec.problem_type)
+            fix = cfg.reward.fix_official_bugs
+            row["full"] = compute_reward(full, rec.answer, rec.problem_type, fix)
             ctx = SelectionContext(enc=enc, adapter=adapter, oracle_tokens=oracle)
             shared = select_all(ctx, shared_methods, retentions)
             answers = answer_selections(
                 adapter, enc, {f"{m}@{r}": k for (m, r), k in shared.items()}, cfg.model.max_new_tokens
             )
             for (m, r), k in shared.items():
-                row[f"{m}@{r}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+                row[f"{m}@{r}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix)
                 if oracle:
                     row[f"{KEPT}{m}@{r}"] = _keeps_answer(k, oracle)
             for s, (run, policy) in enumerate(zip(runs, policies, strict=True)):
@@ -274,17 +275,23 @@ def evaluate_runs(
                     generator=_generator(run.cfg.seed, i),
                     oracle_tokens=oracle,
                 )
-                keeps = select_all(ctx, seeded_methods, retentions, run.cfg.eval.imp_ratio)
+                ev = run.cfg.eval
+                keeps = select_all(ctx, seeded_methods, retentions, ev.imp_ratio, ev.max_ratio_scale)
                 answers = answer_selections(
                     adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, cfg.model.max_new_tokens
                 )
                 for (m, r), k in keeps.items():
-                    row[f"{m}@{r}@{run.name}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type)
+                    row[f"{m}@{r}@{run.name}"] = compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix)
                     if oracle:
                         row[f"{KEPT}{m}@{r}@{run.name}"] = _keeps_answer(k, oracle)
                 if s == 0 and row["kind"] in want_kinds and want_kinds[row["kind"]] > 0:
                     want_kinds[row["kind"]] -= 1
-                    kept = select_tokens(scores, TARGET_RETENTION, run.cfg.eval.imp_ratio)
+                    kept = select_tokens(
+                        scores,
+                        TARGET_RETENTION,
+                        run.cfg.eval.imp_ratio,
+                        max_ratio=run.cfg.eval.max_ratio_scale * TARGET_RETENTION,
+                    )
                     heat.append(
                         Question(
                             sample_id=rec.sample_id,

@@ -28,11 +28,11 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from cacovid_rl.data.prompts import chat_messages
+from cacovid_rl.rl.rewards import mc_prefix_decided
 from cacovid_rl.types import EncodedQuestion
 
 GIB = 1024**3
 # Characters the multiple-choice reward strips before reading the option letter (rl/rewards.py).
-MC_STRIP_CHARS = " \t\r\n.()[]*:"
 
 
 class KeepIndexError(ValueError):
@@ -249,19 +249,17 @@ class VideoLLMAdapter(ABC):
         and the KV cache.
 
         ``first_token_fast_path`` (multiple-choice questions only) also stops a row as soon as its
-        reward is provably fixed. The multiple-choice reward (``rl/rewards.py``) reads the inside of
-        ``<answer>..</answer>`` (or the text after an unclosed ``<answer>``) if the tag occurs, else
-        the whole text, strips whitespace and ``.()[]*:`` (``MC_STRIP_CHARS``) and compares the first
-        character. What is proven:
+        reward is provably fixed (``rl.rewards.mc_prefix_decided``, under both the official and the fixed
+        multiple-choice rule). What is proven:
         - if no non-special token contains ``<`` (``answer_tag_impossible``), no continuation can
-          create the tag, so the reward is a function of the first non-stripped character;
-        - decoding more tokens only appends text, so once the text decoded so far has a first
-          non-stripped character (and it is not ``\\ufffd``, a partial UTF-8 byte that a later token
-          could complete), the final text has the same one.
+          create the ``<answer>`` tag, so the parsed answer is the raw text;
+        - decoding more tokens only appends text, and ``mc_prefix_decided`` holds only when every
+          continuation of the text decoded so far has the same reward (the option's first word has
+          ended; no partial UTF-8 character ``\\ufffd`` is pending).
         Such a row is decided and stops; the returned text is a prefix of its full answer with the
-        same reward. A row whose first token is an option letter and whose second is a stop token
-        is decided in any vocabulary (it simply stops). With a vocabulary that can write ``<``
-        (real Qwen2 tokenizers) nothing else is provable, and the fast path is plain decoding.
+        same reward. A row whose next token is a stop token simply stops, in any vocabulary. With a
+        vocabulary that can write ``<`` (real Qwen2 tokenizers) nothing else is provable, and the fast
+        path is plain decoding.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -282,8 +280,7 @@ class VideoLLMAdapter(ABC):
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def _decided(self, ids: list[int]) -> bool:
-        text = self._decode(ids).lstrip(MC_STRIP_CHARS)
-        return bool(text) and text[0] != "\ufffd"
+        return mc_prefix_decided(self._decode(ids))
 
     def _greedy(
         self, embeds: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, decide: bool

@@ -1,4 +1,5 @@
-"""Online combination-space sampling for training (method.md, "Online combination-space sampling").
+"""Online combination-space sampling for training, as the official CaCoVID code does it (method.md, "Online
+combination-space sampling"; official ``CompressionPolicy.sample_content / sample_token / sample_frame``).
 
 Every question gets ``G`` combinations in three modes, all keeping the same number ``K = T * k`` of
 video tokens (``k = round(rate * N)`` per frame):
@@ -8,39 +9,61 @@ video tokens (``k = round(rate * N)`` per frame):
 - **token** (``MODE_TOKEN``): per frame, rank tokens by the policy's softmax, cut the ranking into
   contiguous bands, draw one band (capped band probabilities) and ``k`` tokens inside it without
   replacement (clamped in-band probabilities). Sample 0 is the deterministic per-frame top-k.
-- **frame** (``MODE_FRAME``): draw ``ceil(t * frame_ratio)`` frames without replacement from the capped
-  frame softmax (sample 0 = top frames) and spend the whole budget ``T * k`` inside them by DPC-KNN.
+- **frame** (``MODE_FRAME``): draw ``ceil(t * frame_ratio)`` frames without replacement (sample 0 = top
+  frames) and spend the whole budget ``T * k`` inside them by one DPC-KNN over their union. A drawn frame can
+  end up with no token; it still counts as drawn (``Combinations.frame_mask``), as in the official loss.
 
 All randomness comes from one ``torch.Generator``; sampling is vectorised over frames and samples.
 Randomness is drawn on the generator's device; results come back on the scores' device.
 
-Choices where method.md is silent (also listed in the module functions' docstrings):
-- DPC-KNN distances are divided by ``sqrt(D)`` (as in the reference DPC-KNN code): on LLM-width features
-  raw squared distances are in the thousands and ``exp(-d^2)`` underflows to 0 for every token. The
-  ``k`` nearest neighbours exclude the token itself, density ties are broken by index (no random noise),
-  and rankings use the log-score so that an underflowing density never turns the ranking into ties.
-- Capped probabilities (bands, frames) are capped by water-filling (the excess of a capped entry is
-  redistributed proportionally over the others until nothing exceeds the cap), after a floor of
-  ``1/n^2`` that keeps every band/frame reachable, exactly as the reference ``clip_max_probability``.
-- The number of bands is limited to ``N // k`` so that every band holds at least ``k`` tokens.
-- Frame samples force one token (its best DPC-KNN token) into every drawn frame, so that "frame kept"
-  (any kept token, see ``rl.loss.frame_keep_masks``) equals "frame drawn". If the budget exceeds the
-  drawn frames' capacity, the draw is extended (further frames drawn without replacement, top frames
-  for sample 0) until the budget fits.
+Official details reproduced:
+- DPC-KNN: float32 ``torch.cdist`` (one call per matrix, as the official, so the >25-row matrix-multiply path
+  and its nonzero self-distance are the same) divided by ``sqrt(D)``; the 4 nearest neighbours include the
+  token itself; density ``exp(-mean d^2)``; delta = distance to the nearest strictly denser token, the
+  global maximum distance when there is none; score ``delta * density``. The official 1e-6 density jitter is
+  not added (it changes none of the golden cases); equal float32 densities are told apart by the exact
+  log-density instead, and equal scores (all 0 when the density underflows on wide features) by the
+  log-score, then by index.
+- ``clip_max_probability``: the official recursive cap, with its ``1/len(p)^2`` floor (``len`` = first
+  dimension) re-applied at every level and a 2-D input treated as one flat distribution (``clip_max_probability``
+  below is a faithful port; ``cap_probs`` is the same for independent 1-D rows, vectorised).
+- Token mode: ``num_group = max(int(1 / rate / group_size), 1)`` bands, the first ``N % num_group`` one token
+  longer; band cap ``clip(max_group_prob / num_group, 0.1, 0.9)`` (1 for one band); in-band probabilities
+  divided by ``sum + 1e-8``, clamped to ``[1/(2e), 2/e]`` (``e = N // num_group``), masked and divided by
+  ``sum + 1e-8`` again (a band holding almost no mass is therefore sampled almost uniformly).
+- Frame mode (``frame_cap="official"``): the official applies its 3/t cap to the ``[num_frame, t]`` matrix of
+  repeated softmaxes, so for t <= 32 frames are drawn from ``max(softmax, 1/num_frame^2)`` renormalised;
+  for larger t the cap can bind and then row ``j`` (``j`` = the capped frame's index) of the matrix changes.
+
+Deliberate deviations (each only where the official code raises or returns no tokens):
+- ``k = round(rate * N)`` is at least 1 (the official keeps 0 tokens per frame below ``rate * N = 0.5``).
+- The number of bands is at most ``N // k``: with more bands some band holds fewer than ``k`` tokens and the
+  official ``torch.multinomial`` (or its ``num_group <= N`` assert) fails when that band is drawn.
+- A probability cap below ``1/n`` gives the uniform distribution (the official asserts).
+- Frame mode, ``frame_cap="official"``: where the official ``clip_max_probability`` raises ``IndexError`` (the cap
+  binds on a frame whose index is >= ``num_frame``, e.g. t=48 with a dominant frame 27), the per-frame 3/t cap
+  (``frame_cap="per_frame"``) is used for that question.
+- Frame mode: when the budget ``T * k`` exceeds the drawn frames' tokens (rates above about ``frame_ratio``),
+  more frames are drawn (without replacement; the next top frames for sample 0) until it fits; the official
+  ``torch.topk`` raises there.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from cacovid_rl.config import SamplingConfig
 from cacovid_rl.types import MODE_CONTENT, MODE_FRAME, MODE_TOKEN, Combinations, PolicyScores
 
-_EPS = 1e-9
 # Largest number of float32 entries a batched DPC-KNN distance tensor may hold (~256 MB).
 _MAX_DIST_ELEMENTS = 1 << 26
+# The official in-band normalisation adds this to the denominator.
+_BAND_EPS = 1e-8
+
+FrameCap = Literal["official", "per_frame"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,7 +88,7 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
 
 
 def tokens_per_frame(rate: float, n: int) -> int:
-    """Tokens kept per frame, ``k = round(rate * n)`` clamped to ``[1, n]``."""
+    """Tokens kept per frame, ``k = round(rate * n)`` (Python rounding, as the official) clamped to ``[1, n]``."""
     rate = check_rate(rate)
     if n < 1:
         raise ValueError(f"tokens per frame n={n} must be >= 1")
@@ -73,86 +96,170 @@ def tokens_per_frame(rate: float, n: int) -> int:
 
 
 def num_bands(rate: float, group_size: int, n: int, k: int) -> int:
-    """Number of rank bands, ``max(int(1 / rate / group_size), 1)``, at most ``n // k`` (each band holds >= k tokens).
+    """Number of rank bands: the official ``max(int(1 / rate / group_size), 1)``, at most ``n // k``.
 
-    A tiny epsilon absorbs float error (``1 / 0.02 / 2`` must give 25, not 24).
+    The ``n // k`` limit only binds where a band would hold fewer than ``k`` tokens (the official then fails).
     """
-    groups = max(int(1.0 / rate / group_size + _EPS), 1)
+    groups = max(int(1 / rate / group_size), 1)
     return max(1, min(groups, n // k))
 
 
+def band_cap(num_group: int, max_group_prob: float) -> float:
+    """Largest band probability: ``clip(max_group_prob / num_group, 0.1, 0.9)``, 1 for a single band (official)."""
+    return max(min(max_group_prob / num_group, 0.9), 0.1) if num_group > 1 else 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# probability helpers
+# probability capping
+
+
+class ClipError(ValueError):
+    """The official ``clip_max_probability`` would raise here (its ``IndexError`` or ``AssertionError``)."""
+
+
+def clip_max_probability(p: torch.Tensor, max_prob: float) -> torch.Tensor:
+    """Faithful port of the official ``sample_utils.clip_max_probability`` (any number of dimensions).
+
+    The floor is ``1 / p.shape[0]**2`` and is re-applied at every recursion level; ``p`` is normalised as one flat
+    distribution; the capped entry is the flat ``argmax`` but it is masked and overwritten through ``mask[j]`` /
+    ``out[j]``, which for a 2-D input is the whole row ``j``. Not renormalised (the official callers renormalise or
+    pass it to ``torch.multinomial``). Raises ``ClipError`` where the official raises (row ``j`` does not exist, or
+    ``max_prob`` is below ``1 / (number of entries)``).
+    """
+    return _clip_level(p.float(), max_prob, None)
+
+
+def _clip_level(p: torch.Tensor, max_prob: float, mask: torch.Tensor | None) -> torch.Tensor:
+    p = p.clamp(min=1 / p.shape[0] ** 2)
+    if mask is None:
+        p = p / p.sum()
+        mask = torch.ones_like(p)
+    else:
+        p = torch.where(mask.bool(), p, torch.zeros_like(p))
+        p = p / (p * mask).sum()
+    if int((mask == 1).sum()) == 1:
+        return p
+    max_prob = min(max_prob, 0.999)
+    # Comparisons are made on float32 tensors, as the official ones are (the Python float is rounded to float32).
+    if not bool(max_prob * mask.sum() > 1.0):
+        raise ClipError(f"max_prob {max_prob} is below 1/{int(mask.sum())}: no distribution satisfies the cap")
+    if bool(p.max() <= max_prob):
+        return p
+    j = int(p.argmax())
+    if j >= mask.shape[0]:
+        raise ClipError(f"index {j} is out of bounds for dimension 0 with size {mask.shape[0]} (official IndexError)")
+    mask = mask.clone()
+    mask[j] = 0
+    rest = 1 - max(min(max_prob, 0.999), 0.001)
+    out = _clip_level(p, max_prob / rest, mask) * rest
+    out[j] = max_prob
+    return out
 
 
 def cap_probs(p: torch.Tensor, cap: float) -> torch.Tensor:
-    """Cap each row of probabilities at ``cap`` by water-filling, after a ``1/n^2`` floor; rows sum to 1.
+    """The official ``clip_max_probability`` applied to every row of ``p`` ``[R, n]`` independently, renormalised.
 
-    Capped entries sit exactly at ``cap``; the mass they lose goes to the uncapped entries in proportion
-    to their probability, repeated until no entry exceeds the cap (at most ``n`` rounds). When ``cap * n <= 1``
-    the only feasible answer is uniform.
+    Vectorised over rows; each row gets exactly the official 1-D recursion (floor ``1/n^2`` re-applied at every
+    level, the largest entry fixed at the level's cap, the cap rescaled by the mass left). When ``cap * n <= 1``
+    (official: assertion error) the rows are uniform.
     """
-    n = p.shape[-1]
-    p = p.clamp(min=1.0 / n**2)
-    p = p / p.sum(-1, keepdim=True)
-    if cap >= 1.0:
-        return p
-    if cap * n <= 1.0:
-        return torch.full_like(p, 1.0 / n)
-    capped = torch.zeros_like(p, dtype=torch.bool)
-    q = p
-    for _ in range(n):
-        free_mass = 1.0 - capped.sum(-1, keepdim=True) * cap
-        free_sum = (p * ~capped).sum(-1, keepdim=True).clamp_min(1e-30)
-        q = torch.where(capped, torch.full_like(p, cap), p * free_mass / free_sum)
-        new_capped = capped | (q > cap * (1 + 1e-6))
-        if torch.equal(new_capped, capped):
-            break
-        capped = new_capped
-    return q
+    squeeze = p.dim() == 1
+    q = p.float().reshape(1, -1) if squeeze else p.float()
+    r, n = q.shape
+    floor = 1 / n**2
+    cur = q.clamp(min=floor)
+    cur = cur / cur.sum(-1, keepdim=True)
+    c = min(cap, 0.999)
+    if n == 1:
+        out = cur
+    elif not c * n > 1.0:
+        out = torch.full_like(cur, 1.0 / n)
+    else:
+        rows = torch.arange(r, device=q.device)
+        mask = torch.ones_like(cur, dtype=torch.bool)
+        active = torch.ones(r, dtype=torch.bool, device=q.device)  # rows that recurse past the current level
+        terminal = torch.zeros_like(cur)
+        levels: list[tuple[torch.Tensor, torch.Tensor, float, float]] = []
+        for level in range(n):
+            if level > 0:
+                cur = torch.where(mask, cur.clamp(min=floor), torch.zeros_like(cur))
+                cur = cur / cur.sum(-1, keepdim=True)
+            c = min(c, 0.999)
+            # Every active row has fixed one entry per level so far: n - level entries are still free.
+            stop = (cur.amax(-1) <= c) if n - level > 1 else torch.ones_like(active)
+            stop = stop & active
+            terminal = torch.where(stop[:, None], cur, terminal)
+            active = active & ~stop
+            if not bool(active.any()):
+                break
+            j = cur.argmax(-1)
+            rest = 1 - max(min(c, 0.999), 0.001)
+            levels.append((active.clone(), j, c, rest))
+            mask = mask & ~((torch.arange(n, device=q.device)[None, :] == j[:, None]) & active[:, None])
+            c = c / rest
+        out = terminal
+        for act, j, c_level, rest in reversed(levels):
+            scaled = out * rest
+            scaled[rows, j] = c_level
+            out = torch.where(act[:, None], scaled, out)
+    out = out / out.sum(-1, keepdim=True)
+    return out.reshape(-1) if squeeze else out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DPC-KNN
 
 
-def _dpc_parts(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-density (``-mean squared distance to k neighbours``) and delta for ``[B, M, D]`` features, in float32."""
+def _dpc_parts(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official float32 DPC-KNN score, log-density and delta for ``[B, M, D]`` features (one cdist per matrix)."""
     x = features.float()
-    b, m, d = x.shape
-    if m == 1:
-        return torch.zeros(b, 1, device=x.device), torch.ones(b, 1, device=x.device)
-    dist = torch.cdist(x, x) / math.sqrt(d)
-    eye = torch.eye(m, dtype=torch.bool, device=x.device)
-    kk = min(k, m - 1)
-    nearest = dist.masked_fill(eye, float("inf")).topk(kk, dim=-1, largest=False).values
-    log_density = -(nearest**2).mean(-1)
-    # "denser" = strictly higher density, ties broken by index (lower index counts as denser): a strict order.
-    dens_j, dens_i = log_density[:, None, :], log_density[:, :, None]
-    idx = torch.arange(m, device=x.device)
-    denser = (dens_j > dens_i) | ((dens_j == dens_i) & (idx[None, :] < idx[:, None])[None])
-    delta = dist.masked_fill(~denser, float("inf")).amin(-1)
-    row_max = dist.amax(dim=(-1, -2), keepdim=False)[:, None].expand_as(delta)
-    delta = torch.where(torch.isinf(delta), row_max, delta)
-    return log_density, delta
+    _, m, d = x.shape
+    # One 2-D cdist per matrix, as the official calls it: a batched call may round differently.
+    dist = torch.stack([torch.cdist(xi, xi) for xi in x]) / (d**0.5)
+    nearest = dist.topk(min(k, m), dim=-1, largest=False).values  # the token itself is its own nearest neighbour
+    log_density = -(nearest**2).mean(dim=-1)
+    density = log_density.exp()
+    dens_j, dens_i = density[:, None, :], density[:, :, None]
+    denser = (dens_j > dens_i) | ((dens_j == dens_i) & (log_density[:, None, :] > log_density[:, :, None]))
+    dist_max = dist.amax(dim=(-1, -2))[:, None, None]
+    delta = torch.where(denser, dist, dist_max).amin(dim=-1)
+    return delta * density, log_density, delta
 
 
 def dpc_knn_scores(features: torch.Tensor, k: int = 4) -> torch.Tensor:
     """DPC-KNN density-peak score of every token, computed independently per leading index (frame).
 
-    ``features`` is ``[T, N, D]``; returns ``[T, N]`` float32 scores ``density * delta`` where
-    ``density = exp(-mean squared distance to the k nearest neighbours)`` (the token itself excluded, distances
-    divided by ``sqrt(D)``) and ``delta`` is the distance to the nearest denser token (the largest distance in
-    the frame for the densest one).
+    ``features`` is ``[T, N, D]``; returns ``[T, N]`` float32 scores ``density * delta`` exactly as the official
+    ``div_sample`` computes them (jitter off): ``density = exp(-mean squared distance to the k nearest
+    neighbours)``, the token itself included, distances divided by ``sqrt(D)``; ``delta`` = distance to the nearest
+    strictly denser token (the largest distance in the frame for the densest ones).
     """
-    log_density, delta = _dpc_parts(features, k)
-    return log_density.exp() * delta
+    return _dpc_parts(features, k)[0]
 
 
 def dpc_knn_log_scores(features: torch.Tensor, k: int = 4) -> torch.Tensor:
-    """``log(dpc_knn_scores)`` computed without underflow: the ranking key used for selection."""
-    log_density, delta = _dpc_parts(features, k)
+    """``log(density * delta)`` computed without underflow (the tie-break key of ``dpc_rank``)."""
+    _, log_density, delta = _dpc_parts(features, k)
     return log_density + delta.clamp_min(1e-30).log()
+
+
+def dpc_rank(features: torch.Tensor, k: int = 4) -> torch.Tensor:
+    """Token order ``[B, M]`` by DPC-KNN score, best first: the official float32 score, then the log-score, then index.
+
+    Chunked over ``B`` so that the distance matrices of a chunk hold at most ``_MAX_DIST_ELEMENTS`` entries.
+    """
+    b, m, _ = features.shape
+    if b == 0:
+        return torch.zeros(0, m, dtype=torch.long, device=features.device)
+    chunk = max(1, _MAX_DIST_ELEMENTS // (m * m))
+    out = []
+    for start in range(0, b, chunk):
+        score, log_density, delta = _dpc_parts(features[start : start + chunk], k)
+        log_score = log_density + delta.clamp_min(1e-30).log()
+        by_log = log_score.argsort(dim=-1, descending=True, stable=True)
+        by_score = score.gather(-1, by_log).argsort(dim=-1, descending=True, stable=True)
+        out.append(by_log.gather(-1, by_score))
+    return torch.cat(out)
 
 
 def content_sample(features: torch.Tensor, k_per_frame: int, knn_k: int = 4) -> torch.Tensor:
@@ -161,8 +268,7 @@ def content_sample(features: torch.Tensor, k_per_frame: int, knn_k: int = 4) -> 
     check_finite(features, "video features")
     if not 1 <= k_per_frame <= n:
         raise ValueError(f"k_per_frame={k_per_frame} must be in [1, {n}] (tokens per frame)")
-    scores = dpc_knn_log_scores(features, knn_k)
-    top = _stable_topk(scores, k_per_frame)
+    top = dpc_rank(features, knn_k)[:, :k_per_frame]
     flat = top + torch.arange(t, device=top.device)[:, None] * n
     return flat.reshape(-1).sort().values
 
@@ -176,6 +282,21 @@ def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 # token mode
 
 
+def band_sizes(n: int, num_group: int) -> list[int]:
+    """Band lengths over the ranking: ``n // num_group`` each, the first ``n % num_group`` one longer (official)."""
+    base, rem = divmod(n, num_group)
+    return [base + 1 if i < rem else base for i in range(num_group)]
+
+
+def band_probabilities(token_scores: torch.Tensor, num_group: int, max_group_prob: float) -> torch.Tensor:
+    """Capped band-choice probabilities ``[T, num_group]`` (rows sum to 1) for ``[T, N]`` token scores."""
+    p = token_scores.float().softmax(-1)
+    p = p / p.sum(-1, keepdim=True)
+    p_sorted = p.sort(dim=-1, descending=True).values
+    mass = torch.stack([c.sum(-1) for c in p_sorted.split(band_sizes(p.shape[-1], num_group), dim=-1)], dim=-1)
+    return cap_probs(mass, band_cap(num_group, max_group_prob))
+
+
 def token_samples(
     token_scores: torch.Tensor,
     k_per_frame: int,
@@ -187,11 +308,11 @@ def token_samples(
 ) -> torch.Tensor:
     """Token-mode combinations ``[num_samples, T * k]`` (sorted flat indices); sample 0 is the per-frame top-k.
 
-    Per frame: ``p = softmax(scores)``; tokens sorted by ``p`` are split into ``num_bands`` contiguous bands
-    (the first ``N % G`` bands one token longer); band probability = its summed ``p``, capped at
-    ``clip(max_group_prob / G, 0.1, 0.9)`` (1 when ``G == 1``) by water-filling; one band per (sample, frame)
-    is drawn with replacement, then ``k`` tokens without replacement with in-band probabilities renormalised,
-    clamped to ``[1/(2e), 2/e]`` (``e = N // G``) and renormalised again.
+    Per frame, as the official ``sample_without_replacement_h``: ``p = softmax(scores)`` renormalised; tokens sorted
+    by ``p`` are split into ``num_bands`` contiguous bands; band probability = its summed ``p`` through
+    ``clip_max_probability`` (``cap_probs``) and renormalised; one band per (sample, frame) is drawn with
+    replacement, then ``k`` tokens without replacement from ``p`` restricted to the band, divided by
+    ``sum + 1e-8``, clamped to ``[1/(2e), 2/e]`` (``e = N // num_bands``), and divided by ``sum + 1e-8`` again.
     """
     rate = check_rate(rate)
     check_finite(token_scores, "token scores")
@@ -201,32 +322,30 @@ def token_samples(
     out_device = token_scores.device
     device = generator.device if generator is not None else out_device
     scores = token_scores.detach().float().to(device)
-    order = scores.argsort(dim=-1, descending=True, stable=True)  # [T, N] token ids by rank
-    offsets = torch.arange(t, device=device)[:, None] * n
     if num_samples <= 0:
         return torch.zeros(0, t * k_per_frame, dtype=torch.long, device=out_device)
-    top = (order[:, :k_per_frame] + offsets).reshape(1, -1)
+    p = scores.softmax(-1)
+    p = p / p.sum(-1, keepdim=True)
+    order = p.argsort(dim=-1, descending=True, stable=True)  # [T, N] token ids by rank
+    offsets = torch.arange(t, device=device)[:, None] * n
+    # The official top-k row ranks the plain softmax, the bands its renormalised copy (they differ only at ties).
+    top = (_stable_topk(scores.softmax(-1), k_per_frame) + offsets).reshape(1, -1)
     if num_samples == 1:
         return top.sort(-1).values.to(out_device)
 
     s = num_samples - 1
-    p_sorted = scores.softmax(-1).gather(-1, order)  # [T, N] descending
     g = num_bands(rate, group_size, n, k_per_frame)
-    base, rem = divmod(n, g)
-    sizes = torch.full((g,), base, dtype=torch.long, device=device)
-    sizes[:rem] += 1
-    band_of_rank = torch.repeat_interleave(torch.arange(g, device=device), sizes)  # [N]
-    band_p = torch.zeros(t, g, device=device).index_add_(1, band_of_rank, p_sorted)
-    cap = min(max(max_group_prob / g, 0.1), 0.9) if g > 1 else 1.0
-    band_p = cap_probs(band_p, cap)
+    band_p = band_probabilities(scores, g, max_group_prob)
     bands = torch.multinomial(band_p, s, replacement=True, generator=generator).T  # [S, T]
 
-    in_band = band_of_rank[None, None, :] == bands[:, :, None]  # [S, T, N] over ranks
-    e = base
-    q = p_sorted[None] * in_band
-    q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
-    q = q.clamp(1.0 / (2 * e), 2.0 / e) * in_band
-    q = q / q.sum(-1, keepdim=True)
+    sizes = torch.tensor(band_sizes(n, g), device=device)
+    band_of_rank = torch.repeat_interleave(torch.arange(g, device=device), sizes)  # [N]
+    in_band = (band_of_rank[None, None, :] == bands[:, :, None]).float()  # [S, T, N] over ranks
+    e = n // g
+    q = p.gather(-1, order)[None] * in_band
+    q = q / (q.sum(-1, keepdim=True) + _BAND_EPS)
+    q = q.clamp(max=2 / e, min=1 / e / 2) * in_band
+    q = q / (q.sum(-1, keepdim=True) + _BAND_EPS)
     ranks = torch.multinomial(q.reshape(s * t, n), k_per_frame, replacement=False, generator=generator)
     tokens = order.expand(s, t, n).reshape(s * t, n).gather(-1, ranks).reshape(s, t, k_per_frame)
     sampled = (tokens + offsets[None]).reshape(s, -1)
@@ -238,13 +357,61 @@ def token_samples(
 
 
 def frames_per_sample(t: int, frame_ratio: float) -> int:
-    """``ceil(t * frame_ratio)`` frames (at least 1, at most t), tolerant of float error (``10 * 0.3`` -> 3)."""
+    """Frames per frame-mode sample: the official ``max(ceil(t * frame_ratio), 1)``, at most ``t``."""
     if not 0.0 < frame_ratio <= 1.0:
         raise ValueError(f"frame_ratio {frame_ratio!r} must be in (0, 1]")
-    return int(min(max(math.ceil(t * frame_ratio - 1e-6), 1), t))
+    return int(min(max(math.ceil(t * frame_ratio), 1), t))
 
 
-def frame_samples(
+def frame_draw_weights(frame_scores: torch.Tensor, num_samples: int, frame_cap: FrameCap = "official") -> torch.Tensor:
+    """Row-normalised frame draw probabilities ``[num_samples, T]``; row ``i`` is used by sample ``i``.
+
+    ``official``: ``clip_max_probability`` of the softmax repeated ``num_samples`` times, with cap ``3/T``, as the
+    official ``sample_frame`` computes it (falling back to ``per_frame`` where that raises); ``per_frame``: each
+    frame's probability capped at ``3/T`` (the 1-D official cap on the softmax).
+    """
+    if frame_cap not in ("official", "per_frame"):
+        raise ValueError(f"frame_cap {frame_cap!r} must be 'official' or 'per_frame'")
+    soft = frame_scores.detach().float().reshape(1, -1).softmax(dim=-1)
+    t = soft.shape[-1]
+    rows = max(num_samples, 1)
+    if frame_cap == "official":
+        try:
+            w = clip_max_probability(soft.repeat(rows, 1), 3 / t)
+            return w / w.sum(-1, keepdim=True)
+        except ClipError:
+            pass  # the official raises here; use the cap it intends (module docstring, deviations)
+    return cap_probs(soft, 3 / t).expand(rows, t).contiguous()
+
+
+def draw_frames(
+    frame_scores: torch.Tensor,
+    m: int,
+    num_samples: int,
+    frame_cap: FrameCap = "official",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``[S, m]`` frame ids, ascending per row: row 0 the top-m frames, the others drawn without replacement."""
+    device = generator.device if generator is not None else frame_scores.device
+    scores = frame_scores.detach().float().reshape(-1).to(device)
+    rows = [_stable_topk(scores.softmax(-1), m)[None]]  # the official ranks the softmax (float32 ties)
+    if num_samples > 1:
+        weights = frame_draw_weights(scores, num_samples, frame_cap)[1:]
+        rows.append(torch.multinomial(weights, m, replacement=False, generator=generator))
+    return torch.cat(rows).sort(-1).values
+
+
+def _dpc_over_frames(features: torch.Tensor, chosen: torch.Tensor, budget: int, knn_k: int) -> torch.Tensor:
+    """Top-``budget`` DPC-KNN tokens over the union of each row's frames (ascending frame ids), flat and sorted."""
+    s, m = chosen.shape
+    _, n, d = features.shape
+    feats = features[chosen].reshape(s, m * n, d)  # frames ascending, tokens in order: the official union order
+    pos = dpc_rank(feats, knn_k)[:, :budget]
+    flat = chosen.gather(-1, pos // n) * n + pos % n
+    return flat.sort(-1).values
+
+
+def frame_samples_with_frames(
     frame_scores: torch.Tensor,
     features: torch.Tensor,
     total_budget: int,
@@ -252,13 +419,14 @@ def frame_samples(
     frame_ratio: float = 0.125,
     knn_k: int = 4,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Frame-mode combinations ``[num_samples, total_budget]`` (sorted flat indices).
+    frame_cap: FrameCap = "official",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame-mode combinations ``[num_samples, total_budget]`` (sorted flat indices) and drawn frames ``[S, T]``.
 
-    Frame probabilities are the softmax of the frame scores capped at ``3/t``; each sample draws
-    ``ceil(t * frame_ratio)`` frames without replacement (sample 0: the top-scored frames), extended when the
-    budget does not fit in them. The budget is then spent on the drawn frames' tokens by DPC-KNN computed over
-    their union (tokens compete across the drawn frames), with every drawn frame's best token forced in.
+    Each sample draws ``ceil(t * frame_ratio)`` frames without replacement from ``frame_draw_weights`` (sample 0:
+    the top-scored frames); more when the budget does not fit in them (a deviation: the official fails there). The
+    budget is then spent on the drawn frames' tokens by one DPC-KNN over their union: tokens compete across the
+    drawn frames and a drawn frame can get none (official), yet it is reported as drawn.
     """
     check_finite(frame_scores, "frame scores")
     check_finite(features, "video features")
@@ -270,45 +438,29 @@ def frame_samples(
         raise ValueError(f"total_budget={total_budget} must be in [1, {t * n}] (all video tokens)")
     out_device = frame_scores.device
     if num_samples <= 0:
-        return torch.zeros(0, total_budget, dtype=torch.long, device=out_device)
+        empty = torch.zeros(0, total_budget, dtype=torch.long, device=out_device)
+        return empty, torch.zeros(0, t, dtype=torch.bool, device=out_device)
     m = max(frames_per_sample(t, frame_ratio), math.ceil(total_budget / n))
-    m = min(m, total_budget)  # never more frames than tokens, so every drawn frame can keep one
-    chosen = _draw_frames(frame_scores, m, num_samples, generator).to(features.device)  # [S, m]
+    chosen = draw_frames(frame_scores, m, num_samples, frame_cap, generator).to(features.device)  # [S, m]
     keep = _dpc_over_frames(features, chosen, total_budget, knn_k)
-    return keep.to(out_device)
+    drawn = torch.zeros(num_samples, t, dtype=torch.bool, device=features.device).scatter(1, chosen, True)
+    return keep.to(out_device), drawn.to(out_device)
 
 
-def _draw_frames(
-    frame_scores: torch.Tensor, m: int, num_samples: int, generator: torch.Generator | None
+def frame_samples(
+    frame_scores: torch.Tensor,
+    features: torch.Tensor,
+    total_budget: int,
+    num_samples: int,
+    frame_ratio: float = 0.125,
+    knn_k: int = 4,
+    generator: torch.Generator | None = None,
+    frame_cap: FrameCap = "official",
 ) -> torch.Tensor:
-    """``[S, m]`` frame ids, ascending per row: row 0 the top-m frames, the rest drawn without replacement."""
-    device = generator.device if generator is not None else frame_scores.device
-    scores = frame_scores.detach().float().to(device)
-    t = scores.numel()
-    rows = [_stable_topk(scores, m)[None]]
-    if num_samples > 1:
-        probs = cap_probs(scores.softmax(-1), 3.0 / t).expand(num_samples - 1, t)
-        rows.append(torch.multinomial(probs, m, replacement=False, generator=generator))
-    return torch.cat(rows).sort(-1).values
-
-
-def _dpc_over_frames(features: torch.Tensor, chosen: torch.Tensor, budget: int, knn_k: int) -> torch.Tensor:
-    """Top-``budget`` DPC-KNN tokens over the union of each row's frames (one forced per frame), flat and sorted."""
-    s, m = chosen.shape
-    _, n, d = features.shape
-    size = m * n
-    chunk = max(1, _MAX_DIST_ELEMENTS // (size * size))
-    out = []
-    for start in range(0, s, chunk):
-        frames = chosen[start : start + chunk]  # [c, m]
-        feats = features[frames].reshape(frames.shape[0], size, d)  # [c, m*N, D]
-        scores = dpc_knn_log_scores(feats, knn_k).reshape(-1, m, n)
-        best = scores.argmax(-1, keepdim=True)  # each frame's best token
-        scores = scores.scatter(-1, best, float("inf")).reshape(-1, size)
-        pos = _stable_topk(scores, budget)  # positions in the union
-        flat = frames.gather(-1, pos // n) * n + pos % n
-        out.append(flat.sort(-1).values)
-    return torch.cat(out)
+    """Frame-mode combinations ``[num_samples, total_budget]`` (see ``frame_samples_with_frames``)."""
+    return frame_samples_with_frames(
+        frame_scores, features, total_budget, num_samples, frame_ratio, knn_k, generator, frame_cap
+    )[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,7 +477,8 @@ def sample_combinations(
     """All ``cfg.num_samples`` combinations of one question: content, then token, then frame samples.
 
     ``scores`` are the old policy's scores (``token [T, N]``, ``frame [T]``), ``features`` the video input
-    features ``[T, N, D]``. Every row keeps ``K = T * round(rate * N)`` tokens, sorted.
+    features ``[T, N, D]``. Every row keeps ``K = T * round(rate * N)`` tokens, sorted. ``frame_mask`` marks the
+    drawn frames for frame-mode rows and the frames holding a kept token for the other rows.
     """
     rate = check_rate(rate)
     token, frame = scores.token.detach(), scores.frame.detach().reshape(-1)
@@ -342,8 +495,13 @@ def sample_combinations(
     device = token.device
     content = content_sample(features, k, cfg.knn_k).to(device)[None].expand(cfg.num_content, -1)
     tok = token_samples(token, k, cfg.num_token, rate, cfg.group_size, cfg.max_group_prob, generator)
-    frm = frame_samples(frame, features, t * k, cfg.num_frame, cfg.frame_ratio, cfg.knn_k, generator).to(device)
-    keep = torch.cat([content, tok, frm]).contiguous()
+    frm, drawn = frame_samples_with_frames(
+        frame, features, t * k, cfg.num_frame, cfg.frame_ratio, cfg.knn_k, generator, cfg.frame_cap
+    )
+    keep = torch.cat([content, tok, frm.to(device)]).contiguous()
+    with_token = torch.zeros(keep.shape[0] - cfg.num_frame, t, dtype=torch.bool, device=device)
+    with_token.scatter_(1, keep[: with_token.shape[0]] // n, True)
+    frame_mask = torch.cat([with_token, drawn.to(device)])
     mode = torch.cat(
         [
             torch.full((cfg.num_content,), MODE_CONTENT, dtype=torch.long),
@@ -351,4 +509,4 @@ def sample_combinations(
             torch.full((cfg.num_frame,), MODE_FRAME, dtype=torch.long),
         ]
     ).to(device)
-    return Combinations(keep=keep, mode=mode, rate=rate)
+    return Combinations(keep=keep, mode=mode, rate=rate, frame_mask=frame_mask)

@@ -6,12 +6,18 @@ head). Per decision: ``ratio = exp(logp - logp_old)`` and the PPO-style clipped 
 
 - Token-mode samples form the token loss: class-balance weights ``w = m(1 - mean m) + (1 - m) mean m`` make
   kept and dropped tokens weigh the same in each sample; weighted mean over tokens, mean over samples.
-- Frame-mode samples form the frame loss on the frame head: a frame is "kept" when any of its tokens is
-  kept; plain mean over samples and frames. Its advantages are normalised separately from the token ones.
+- Frame-mode samples form the frame loss on the frame head through their frame mask: the frames that were
+  *drawn*, as in the official loss (``types.Combinations.frame_mask``), even where DPC-KNN then gave a drawn
+  frame no token; without masks, the frames holding a kept token. Plain mean over samples and frames. Its
+  advantages are normalised separately from the token ones.
 - Content samples (DPC-KNN, policy-free) are excluded: they were not drawn from the policy, so they have no
   likelihood ratio to optimise; they only inform (their reward is logged as ``reward/content_mean``).
 - Optional k3 KL towards Bernoulli(0.5) on the taken decisions, ``exp(r) - r - 1`` with
   ``r = log 0.5 - logp`` (token KL class-balance weighted like the token loss), scaled by ``cfg.kl_coef``.
+
+The scores are the logit differences ``logit[1] - logit[0]`` of the official two-column heads; the Bernoulli
+log-probability ``logsigmoid(+-s)`` is the official ``log_softmax`` of the two logits, so the loss and its
+gradient match the official code (tests/golden/loss.json, through the logits).
 
 Gradients flow only through ``new``; ``old`` scores, masks and rewards are constants.
 
@@ -148,8 +154,12 @@ def cacovid_loss(
     rewards: torch.Tensor,
     cfg: LossConfig,
     prox: PolicyScores | None = None,
+    frame_masks: torch.Tensor | None = None,
 ) -> LossOutput:
     """CaCoVID loss over one question's memory: ``keep[i]`` (flat kept indices), ``modes[i]``, ``rewards[i]``.
+
+    ``frame_masks`` ``[S, T]`` (bool): which frames each sample counts as kept in the frame loss (module
+    docstring); ``None`` derives them from ``keep``.
 
     ``new`` are the current policy's scores (with gradients), ``old`` the first-iteration scores the
     combinations were sampled from. A mode without samples contributes a zero that is still connected to
@@ -166,6 +176,8 @@ def cacovid_loss(
             f"memory sizes differ: {len(rows)} combinations, {modes.numel()} modes, {rewards.numel()} rewards"
         )
     t, n = new.token.shape
+    if frame_masks is not None and tuple(frame_masks.shape) != (len(rows), t):
+        raise ValueError(f"frame_masks must be [{len(rows)}, {t}] (samples x frames), got {tuple(frame_masks.shape)}")
     token_new = new.token.float().reshape(-1)
     frame_new = new.frame.float().reshape(-1)
     zero = token_new.sum() * 0.0 + frame_new.sum() * 0.0
@@ -189,7 +201,7 @@ def cacovid_loss(
         else:
             per_tok, active, ratio = _clipped_surrogate(logp, logp_old, adv, cfg)
         w = class_balance_weights(mask)
-        w_sum = w.sum(-1).clamp_min(1e-7)
+        w_sum = w.sum(-1) + 1e-7  # the official guard: an all-kept or all-dropped row has weight 0 and loss 0
         token_loss = ((per_tok * w).sum(-1) / w_sum).mean()
         token_kl = ((_k3_to_half(logp) * w).sum(-1) / w_sum).mean()
         with torch.no_grad():
@@ -200,7 +212,10 @@ def cacovid_loss(
 
     frame_loss, frame_kl = zero, zero
     if frm_idx.numel():
-        fmask = frame_keep_masks(_select(rows, frm_idx), t, n).to(frame_new.device)
+        if frame_masks is not None:
+            fmask = frame_masks[frm_idx.to(frame_masks.device)].bool().to(frame_new.device)
+        else:
+            fmask = frame_keep_masks(_select(rows, frm_idx), t, n).to(frame_new.device)
         logp = bernoulli_logprob(frame_new[None], fmask)
         logp_old = bernoulli_logprob(old.frame.detach().float().reshape(-1)[None], fmask)
         adv = group_advantages(rewards[frm_idx], cfg.adv_eps).to(frame_new.device)[:, None]
@@ -219,6 +234,8 @@ def cacovid_loss(
     total = token_loss + use_frame * frame_loss
     if cfg.kl_coef > 0:  # never 0 * (a huge KL): the KL is logged either way
         total = total + cfg.kl_coef * kl
+    metrics["loss/token_kl"] = float(token_kl.detach())
+    metrics["loss/frame_kl"] = float(frame_kl.detach())
     metrics.update(_summary(total, token_loss, frame_loss, kl, token_new, frame_new, rewards, modes))
     return LossOutput(total=total, token=token_loss, frame=frame_loss, kl=kl, metrics=metrics)
 

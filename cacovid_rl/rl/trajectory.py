@@ -20,6 +20,12 @@ from cacovid_rl.wire import WireError, packb, unpackb
 _TRANSFER_DTYPES = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float16}
 
 
+def _frames_with_kept_tokens(keep: torch.Tensor, t: int, n: int) -> torch.Tensor:
+    """``[..., T]`` bool: frames holding at least one of the kept flat indices ``keep`` ``[..., K]``."""
+    mask = torch.zeros(*keep.shape[:-1], t, dtype=torch.bool, device=keep.device)
+    return mask.scatter_(-1, torch.div(keep.long(), n, rounding_mode="floor"), True)
+
+
 @dataclass
 class Trajectory:
     sample_id: str
@@ -42,6 +48,10 @@ class Trajectory:
     rates: np.ndarray  # [I] float32: rate used in each iteration
     actor_id: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    frame_mask: np.ndarray | None = None
+    """``[S, T]`` uint8: the frames the frame loss counts as kept (for frame-mode samples the *drawn* frames, as
+    the official loss; ``types.Combinations.frame_mask``). ``None`` in messages from before this field: the
+    frames holding a kept token (:meth:`frame_masks`)."""
 
     @classmethod
     def from_rollout(
@@ -56,6 +66,11 @@ class Trajectory:
         actor_id: str = "",
     ) -> Trajectory:
         mem, enc = res.memory, res.enc
+        t, n = enc.num_frames, enc.tokens_per_frame
+        frame_rows = [
+            fm if fm is not None else _frames_with_kept_tokens(k, t, n)
+            for k, fm in zip(mem.keep, mem.frame_mask or [None] * len(mem.keep), strict=True)
+        ]
         keep = torch.cat([k.reshape(-1) for k in mem.keep]).to(torch.int32)
         lengths = torch.cat([torch.full((k.shape[0],), k.shape[1], dtype=torch.int32) for k in mem.keep])
         emb = enc.inputs_embeds.detach()
@@ -82,12 +97,22 @@ class Trajectory:
             rates=np.asarray(mem.rates, dtype=np.float32),
             actor_id=actor_id,
             timings=dict(res.timings),
+            frame_mask=torch.cat([f.reshape(len(f), t) for f in frame_rows]).to(torch.uint8).cpu().numpy(),
         )
 
     # -- views the learner needs -------------------------------------------------------------
     def keep_list(self) -> list[torch.Tensor]:
         bounds = np.cumsum(self.keep_lengths)[:-1]
         return [torch.from_numpy(np.array(a, dtype=np.int64)) for a in np.split(self.keep_flat, bounds)]
+
+    def frame_masks(self) -> torch.Tensor:
+        """``[S, T]`` bool frame masks of all samples: the shipped ones, else derived from the kept tokens."""
+        if self.frame_mask is not None:
+            return torch.from_numpy(np.array(self.frame_mask, dtype=bool).reshape(self.num_samples, self.num_frames))
+        keeps = self.keep_list()
+        if not keeps:
+            return torch.zeros(0, self.num_frames, dtype=torch.bool)
+        return torch.stack([_frames_with_kept_tokens(k, self.num_frames, self.tokens_per_frame) for k in keeps])
 
     def old_scores(self) -> PolicyScores:
         return PolicyScores(

@@ -15,7 +15,7 @@ drift away from a learned solution once its rewards stopped varying. The LR sche
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,17 +26,34 @@ from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.types import MODE_FRAME, MODE_TOKEN, PolicyScores
 
 
-def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int):
-    """Linear warmup then cosine decay to 0 (or constant), as a multiplier of the base LR."""
+def lr_lambda(cfg: LearnerConfig, total_optimizer_steps: int, iterations: int = 1) -> Callable[[int], float]:
+    """The LR multiplier of optimiser step ``step`` (0-based), Hugging Face's schedules with linear warmup.
+
+    Warmup is ``step / warmup_steps`` (so step 0 runs at 0, as in ``transformers``). After it, over the run's
+    ``total_optimizer_steps``: ``cosine`` one half-cosine to 0, ``linear`` a straight line to 0, ``constant`` 1.
+    ``official_cosine`` is the official run's schedule (``get_cosine_schedule_with_warmup``): sized for
+    ``total_optimizer_steps / iterations`` steps (the questions per GPU, one policy update each) but stepped after
+    every iteration's optimiser step, so the cosine runs on past its end, reaching 0 and climbing back to 1
+    ``iterations / 2`` times over the run (tests/golden/rate_and_schedule.json).
+    """
+    warmup = cfg.warmup_steps
+    if cfg.schedule == "official_cosine":
+        length = max(1, total_optimizer_steps // max(1, iterations))
+    else:
+        length = total_optimizer_steps
 
     def fn(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if step < warmup:
+            return step / max(1, warmup)
         if cfg.schedule == "constant":
             return 1.0
-        span = max(1, total_optimizer_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        span = max(1, length - warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, (length - step) / span)
+        progress = (step - warmup) / span
+        if cfg.schedule == "cosine":
+            progress = min(1.0, progress)  # stays at 0 past the end; the official cosine does not (above)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return fn
 
@@ -69,7 +86,7 @@ class PolicyUpdater:
             policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay), lr=learner.lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(learner, learner.total_steps * iterations)
+            self.optimizer, lr_lambda(learner, learner.total_steps * iterations, iterations)
         )
         self.optimizer_steps = 0
 
@@ -97,6 +114,7 @@ class PolicyUpdater:
         for traj, traj_prox in zip(trajs, prox, strict=True):
             sel = np.nonzero(traj.iterations <= iteration)[0]
             keeps = traj.keep_list()
+            frame_masks = traj.frame_masks()[torch.from_numpy(sel)].to(self.device)
             new = policy_scores_for(self.policy, traj, self.device)
             old = traj.old_scores()
             old = PolicyScores(old.token.to(self.device), old.frame.to(self.device))
@@ -108,6 +126,7 @@ class PolicyUpdater:
                 torch.from_numpy(np.array(traj.rewards[sel])).to(self.device),
                 self.loss_cfg,
                 prox=traj_prox,
+                frame_masks=frame_masks,
             )
             total = total + out.total / len(trajs)
             for k, v in out.metrics.items():

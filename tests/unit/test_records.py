@@ -136,5 +136,6 @@ def test_save_then_load_round_trip(tmp_path: Path, video_root: Path) -> None:
 
 
 def test_extract_answer() -> None:
+    """The reward's own parser (cacovid_rl.answers): the first block stripped, else the text unchanged."""
     assert extract_answer("<think>x</think><answer> C </answer>") == "C"
-    assert extract_answer(" 3.5 ") == "3.5"
+    assert extract_answer(" 3.5 ") == " 3.5 "

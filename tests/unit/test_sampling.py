@@ -1,4 +1,7 @@
-"""Online combination-space sampling: budgets, determinism, band/frame caps, DPC-KNN against a brute force."""
+"""Online combination-space sampling: budgets, determinism, band/frame caps, DPC-KNN against a brute force.
+
+Agreement with the official outputs (exact DPC, capped probabilities, draw statistics) is in test_golden_*.py.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,15 @@ from hypothesis import strategies as st
 
 from cacovid_rl.config import SamplingConfig
 from cacovid_rl.policy.sampling import (
+    ClipError,
     cap_probs,
+    clip_max_probability,
     content_sample,
     dpc_knn_scores,
+    frame_draw_weights,
     frame_samples,
+    frame_samples_with_frames,
+    frames_per_sample,
     num_bands,
     sample_combinations,
     token_samples,
@@ -61,10 +69,19 @@ def test_bad_rate_is_named(rate: float) -> None:
 
 
 def test_num_bands_matches_method_and_keeps_k_per_band() -> None:
-    assert num_bands(0.02, 2, 196, 4) == 25  # int(1 / 0.02 / 2) despite float error
+    assert num_bands(0.02, 2, 196, 4) == 25  # the official int(1 / 0.02 / 2)
     assert num_bands(0.12, 2, 196, 24) == 4
     assert num_bands(0.5, 2, 196, 98) == 1
-    assert num_bands(0.02, 2, 10, 1) == 10  # limited to n // k
+    assert num_bands(0.02, 2, 10, 1) == 10  # limited to n // k (deviation: the official asserts num_group <= n)
+    assert num_bands(0.2, 2, 9, 2) == 2  # official 2 bands of 5 and 4 tokens; both hold k = 2
+
+
+@pytest.mark.parametrize(
+    ("t", "ratio", "m"), [(32, 0.125, 4), (8, 0.125, 1), (25, 0.28, 8), (3, 0.125, 1), (5, 1.0, 5)]
+)
+def test_frames_per_sample_is_the_official_ceil(t: int, ratio: float, m: int) -> None:
+    # 25 * 0.28 = 7.000000000000001: the official ceil gives 8.
+    assert frames_per_sample(t, ratio) == m
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,6 +98,34 @@ def test_cap_probs_cascades() -> None:
     p = torch.tensor([0.5, 0.3, 0.1, 0.1])
     out = cap_probs(p, 0.3)
     torch.testing.assert_close(out, torch.tensor([0.3, 0.3, 0.2, 0.2]))
+
+
+def test_cap_probs_is_the_official_recursion_row_by_row() -> None:
+    torch.manual_seed(0)
+    p = (torch.randn(5, 12) * 3).softmax(-1)
+    rows = torch.stack([clip_max_probability(row, 0.2) for row in p])
+    torch.testing.assert_close(cap_probs(p, 0.2), rows / rows.sum(-1, keepdim=True))
+
+
+def test_clip_max_probability_treats_a_matrix_as_one_distribution() -> None:
+    # Official quirk (frame mode): 2 rows, so the floor is 1/2^2 = 0.25 and the whole matrix is normalised; the
+    # largest entry 0.7 / 2.9 = 0.24 is then under the cap 0.3 and nothing is capped.
+    p = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(2, 1)
+    out = clip_max_probability(p, 0.3)
+    torch.testing.assert_close(out, torch.tensor([[0.7, 0.25, 0.25, 0.25]]).repeat(2, 1) / 2.9)
+
+
+def test_clip_max_probability_caps_a_whole_row_or_raises_like_the_official() -> None:
+    # When the cap binds on column j, the official masks and overwrites ROW j of the matrix.
+    p = torch.tensor([[0.01, 0.97, 0.01, 0.01]]).repeat(4, 1)
+    out = clip_max_probability(p, 0.2)
+    assert torch.equal(out[1], torch.full((4,), 0.2))
+    assert not torch.equal(out[0], out[1])
+    # Column 3 has no row 3: the official raises IndexError; the frame sampler falls back to the per-frame cap.
+    with pytest.raises(ClipError, match="out of bounds"):
+        clip_max_probability(torch.tensor([[0.01, 0.01, 0.01, 0.97]]).repeat(2, 1), 0.2)
+    with pytest.raises(ClipError):
+        clip_max_probability(torch.full((4,), 0.25), 0.2)  # a cap under 1/n cannot be met (official assert)
 
 
 @FAST
@@ -103,13 +148,13 @@ def test_cap_probs_properties(n: int, cap_mult: float, seed: int) -> None:
 
 
 def brute_force_dpc(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Plain-Python DPC-KNN on one frame ``[M, D]`` (float64), the definition spelled out."""
+    """Plain-Python DPC-KNN on one frame ``[M, D]`` (float64), the official definition spelled out."""
     m, d = x.shape
     x = x.double()
     dist = [[math.dist(x[i].tolist(), x[j].tolist()) / math.sqrt(d) for j in range(m)] for i in range(m)]
     density = []
     for i in range(m):
-        nn = sorted(dist[i][j] for j in range(m) if j != i)[:k]
+        nn = sorted(dist[i])[:k]  # the token itself (distance 0) is its own nearest neighbour
         density.append(math.exp(-sum(v * v for v in nn) / len(nn)))
     scores = []
     for i in range(m):
@@ -129,8 +174,8 @@ def test_dpc_knn_matches_brute_force() -> None:
 
 def test_dpc_knn_prefers_cluster_centres_over_cluster_members() -> None:
     # Two tight clusters of 1-D points; each cluster's centre is a density peak with a large delta.
-    pts = torch.tensor([0.0, 0.1, -0.1, 0.05, -0.05, 10.0, 10.1, 9.9, 10.05, 9.95])[None, :, None]
-    scores = dpc_knn_scores(pts * 2, k=2)[0]
+    pts = torch.tensor([0.0, 0.1, -0.1, 0.3, -0.3, 10.0, 10.1, 9.9, 10.3, 9.7])[None, :, None]
+    scores = dpc_knn_scores(pts * 2, k=3)[0]
     top2 = set(scores.topk(2).indices.tolist())
     assert top2 == {0, 5}
 
@@ -231,6 +276,13 @@ def test_token_scores_with_nan_raise() -> None:
 # frame mode
 
 
+def drawn_and_used(keep: torch.Tensor, drawn: torch.Tensor, n: int) -> torch.Tensor:
+    """Frames holding a kept token, checking that they are all drawn frames."""
+    used = per_frame_counts(keep, drawn.shape[1], n) > 0
+    assert not (used & ~drawn).any(), "tokens may only come from drawn frames"
+    return used
+
+
 @FAST
 @given(
     t=st.integers(2, 8),
@@ -244,43 +296,71 @@ def test_frame_samples_exact_budget(t: int, n: int, rate: float, frame_ratio: fl
     feats = torch.randn(t, n, 4)
     frame_scores = torch.randn(t)
     budget = t * tokens_per_frame(rate, n)
-    keep = frame_samples(frame_scores, feats, budget, 4, frame_ratio, 3, gen(seed))
-    assert keep.shape == (4, budget)
+    keep, drawn = frame_samples_with_frames(frame_scores, feats, budget, 4, frame_ratio, 3, gen(seed))
+    assert keep.shape == (4, budget) and drawn.shape == (4, t) and drawn.dtype == torch.bool
     assert_valid_rows(keep, t * n)
-    m = max(math.ceil(t * frame_ratio - 1e-6), math.ceil(budget / n))
-    frames_used = (per_frame_counts(keep, t, n) > 0).sum(-1)
-    assert (frames_used == min(m, t)).all()
+    m = max(math.ceil(t * frame_ratio), math.ceil(budget / n))  # the official count, extended when it cannot fit
+    assert (drawn.sum(-1) == min(m, t)).all()
+    drawn_and_used(keep, drawn, n)
     assert torch.equal(keep, frame_samples(frame_scores, feats, budget, 4, frame_ratio, 3, gen(seed)))
 
 
 def test_frame_sample_zero_uses_top_frames() -> None:
     t, n = 8, 10
     frame_scores = torch.tensor([0.0, 5.0, 1.0, 4.0, -1.0, 0.5, 2.0, 3.0])
-    keep = frame_samples(frame_scores, torch.randn(t, n, 4), 8, 3, 0.25, 3, gen(0))
-    assert set((keep[0] // n).tolist()) == {1, 3}
-    assert (per_frame_counts(keep, t, n) > 0).sum(-1).tolist() == [2, 2, 2]
+    keep, drawn = frame_samples_with_frames(frame_scores, torch.randn(t, n, 4), 8, 3, 0.25, 3, gen(0))
+    assert drawn[0].nonzero().squeeze(1).tolist() == [1, 3]
+    assert drawn.sum(-1).tolist() == [2, 2, 2]
+    drawn_and_used(keep, drawn, n)
 
 
 def test_frame_samples_spill_when_budget_exceeds_chosen_frames() -> None:
+    # Deviation: 17 tokens do not fit in ceil(8 * 0.125) = 1 frame of 5 (the official torch.topk raises), so
+    # ceil(17 / 5) = 4 frames are drawn.
     t, n = 8, 5
-    keep = frame_samples(torch.randn(t), torch.randn(t, n, 3), 17, 5, 0.125, 2, gen(0))
+    keep, drawn = frame_samples_with_frames(torch.randn(t), torch.randn(t, n, 3), 17, 5, 0.125, 2, gen(0))
     assert keep.shape == (5, 17)
     assert_valid_rows(keep, t * n)
-    assert ((per_frame_counts(keep, t, n) > 0).sum(-1) == 4).all()  # ceil(17 / 5) frames
+    assert (drawn.sum(-1) == 4).all()
+    drawn_and_used(keep, drawn, n)
 
 
-def test_frame_draws_follow_capped_scores() -> None:
-    # 2 of 16 frames per sample. Frame 0 has softmax mass ~0.59: uncapped it would be drawn in ~84% of the
-    # samples; capped at 3/t = 0.1875 (the excess spread over the others) its inclusion is ~35%.
+def test_a_drawn_frame_can_get_no_token() -> None:
+    # Official: one DPC-KNN over the union of the drawn frames, no token forced per frame (golden frame_15/16 show
+    # it at realistic budgets). Smallest case: 1 token for 2 drawn frames; both still count as drawn.
+    t, n = 2, 6
+    keep, drawn = frame_samples_with_frames(torch.zeros(t), torch.randn(t, n, 3), 1, 3, 1.0, 4, gen(0))
+    assert drawn.all()
+    assert ((per_frame_counts(keep, t, n) > 0).sum(-1) == 1).all()
+
+
+def test_frame_draws_follow_the_official_weights() -> None:
+    # 2 of 16 frames per sample. Frame 0 has softmax mass ~0.59. Official: the 3/t cap is applied to the repeated
+    # [8, 16] matrix and never binds, so frame 0 is drawn in ~83% of the samples (floor 1/64 for frame 1).
+    # per_frame: capped at 3/t = 0.1875 (the excess spread over the others), its inclusion is ~35%.
     t, n = 16, 8
     scores = torch.zeros(t)
     scores[0], scores[1] = 3.0, -3.0
-    keep = frame_samples(scores, torch.randn(t, n, 3), t, 1001, 0.125, 2, gen(0))[1:]
-    frames = per_frame_counts(keep, t, n) > 0
-    assert (frames.sum(-1) == 2).all()
-    assert 0.27 < frames[:, 0].float().mean() < 0.45
-    assert frames[:, 1].float().mean() < 0.05
-    assert frames[:, 2:].float().mean() > 0.08
+    feats = torch.randn(t, n, 3)
+    expected = {"official": (0.75, 0.9), "per_frame": (0.27, 0.45)}
+    for cap, (lo, hi) in expected.items():
+        _, drawn = frame_samples_with_frames(scores, feats, t, 1001, 0.125, 2, gen(0), frame_cap=cap)
+        drawn = drawn[1:]
+        assert (drawn.sum(-1) == 2).all()
+        assert lo < drawn[:, 0].float().mean() < hi, cap
+        assert drawn[:, 1].float().mean() < 0.06
+        assert drawn[:, 2:].float().mean() > 0.02
+
+
+def test_frame_draw_weights_official_vs_per_frame() -> None:
+    scores = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    official = frame_draw_weights(scores, 8)
+    soft = scores.softmax(-1).clamp(min=1 / 64)
+    torch.testing.assert_close(official, (soft / soft.sum()).expand(8, -1))  # max(softmax, 1/64), renormalised
+    per_frame = frame_draw_weights(scores, 8, "per_frame")
+    assert float(per_frame[0, 0]) == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="frame_cap"):
+        frame_draw_weights(scores, 8, "capped")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,10 +379,28 @@ def test_sample_combinations_layout() -> None:
     assert_valid_rows(combos.keep, t * n)
     assert torch.equal(combos.keep[0], content_sample(feats, 2, cfg.knn_k))
     assert (per_frame_counts(combos.keep[:6], t, n) == 2).all()
+    assert combos.frame_mask is not None and combos.frame_mask.shape == (9, t)
+    assert combos.frame_mask.dtype == torch.bool
+    assert combos.frame_mask[:6].all()  # content and token rows keep tokens in every frame
+    assert (combos.frame_mask[6:].sum(-1) == 2).all()  # frame rows: the ceil(4 * 0.5) drawn frames
+    drawn_and_used(combos.keep[6:], combos.frame_mask[6:], n)
     again = sample_combinations(scores, feats, 0.1, cfg, gen(0))
     assert torch.equal(combos.keep, again.keep)
+    assert torch.equal(combos.frame_mask, again.frame_mask)
     other = sample_combinations(scores, feats, 0.1, cfg, gen(1))
     assert not torch.equal(combos.keep, other.keep)
+
+
+def test_sample_combinations_passes_the_frame_cap() -> None:
+    t, n = 16, 8  # rate 0.125 -> k = 1, budget 16 = 2 frames of 8: the official 2 draws, no extension
+    scores = PolicyScores(torch.randn(t, n), torch.tensor([6.0] + [0.0] * (t - 1)))
+    feats = torch.randn(t, n, 3)
+    freq = {}
+    for cap in ("official", "per_frame"):
+        cfg = SamplingConfig(num_content=1, num_token=1, num_frame=400, frame_cap=cap)
+        mask = sample_combinations(scores, feats, 0.125, cfg, gen(0)).frame_mask
+        freq[cap] = mask[3:, 0].float().mean().item()
+    assert freq["official"] > 0.9 and freq["per_frame"] < 0.5
 
 
 def test_sample_combinations_default_recipe_shapes() -> None:
@@ -311,7 +409,9 @@ def test_sample_combinations_default_recipe_shapes() -> None:
         PolicyScores(torch.randn(t, n), torch.randn(t)), torch.randn(t, n, 16), 0.02, SamplingConfig(), gen(0)
     )
     assert combos.keep.shape == (32, 128)
-    assert ((per_frame_counts(combos.keep[24:], t, n) > 0).sum(-1) == 4).all()
+    assert combos.frame_mask is not None
+    assert (combos.frame_mask[24:].sum(-1) == 4).all()
+    drawn_and_used(combos.keep[24:], combos.frame_mask[24:], n)
 
 
 @pytest.mark.parametrize("which", ["token scores", "frame scores", "video features"])

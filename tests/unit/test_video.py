@@ -1,4 +1,4 @@
-"""Frame sampling (uniform, at most max_fps) and decoding errors."""
+"""Frame sampling (the official read_video_decode: uniform, at most max_fps) and decoding errors."""
 
 from __future__ import annotations
 
@@ -23,6 +23,42 @@ def test_sample_indices_uniform_and_capped_by_fps() -> None:
     assert len(sample_frame_indices(5, 0.0, 8)) == 5  # unknown fps: one frame per second assumed
     with pytest.raises(ValueError):
         sample_frame_indices(0, 1.0, 8)
+
+
+def official_indices(total_frames: int, fps: float, num_frames: int, decode_fps: float = 1.0) -> list[int]:
+    """grpo_video.py read_video_decode's index rule, written out literally."""
+    duration = total_frames / fps
+    n = min(num_frames, total_frames, int(duration * decode_fps))
+    return [round(x) for x in np.linspace(0, total_frames - 1, n)]
+
+
+def test_sample_indices_match_the_official_rule() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        total = int(rng.integers(1, 2000))
+        fps = float(rng.choice([1.0, 7.5, 12.5, 23.976, 25.0, 29.97, 30.0, 60.0]))
+        num = int(rng.integers(1, 65))
+        max_fps = float(rng.choice([0.5, 1.0, 2.0]))
+        expected = official_indices(total, fps, num, max_fps)
+        if expected:  # the official asks for 0 frames below 1 / max_fps seconds; we keep one (test above)
+            assert sample_frame_indices(total, fps, num, max_fps).tolist() == expected, (total, fps, num, max_fps)
+    # exact halves round to even: linspace(0, 5, 5) = 0, 1.25, 2.5, 3.75, 5
+    assert sample_frame_indices(6, 1.0, 5).tolist() == [0, 1, 2, 4, 5]
+    # int() truncates the per-second cap: 9.99 s at 1 fps is 9 frames, not 10
+    assert len(sample_frame_indices(999, 100.0, 32)) == 9
+
+
+def test_read_frames_follows_the_official_rule_on_a_generated_video(tmp_path: Path) -> None:
+    """6 distinct frames at 1 fps, 5 asked: frames 0, 1, 2, 4, 5 (the 2.5 position rounds to even); at 4 fps the
+    same 6 frames last 1.5 s, so only one frame is read."""
+    rng = np.random.default_rng(1)
+    frames = np.repeat(rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8), 16, axis=1).repeat(16, axis=2)
+    write_mp4(frames, tmp_path / "slow.mp4", fps=1)
+    full = read_frames(tmp_path / "slow.mp4", num_frames=6)
+    assert len(full) == 6
+    np.testing.assert_array_equal(read_frames(tmp_path / "slow.mp4", num_frames=5), full[[0, 1, 2, 4, 5]])
+    write_mp4(frames, tmp_path / "fast.mp4", fps=4)
+    assert len(read_frames(tmp_path / "fast.mp4", num_frames=5)) == 1
 
 
 def test_read_frames_decodes_written_video(tmp_path: Path) -> None:
