@@ -36,6 +36,8 @@ class DataConfig:
     num_frames: int = 32
     """Frames sampled uniformly over each video (at most ``max_fps`` per second of video)."""
     max_fps: float = 1.0
+    """At most this many frames per second of video are sampled (the official ``decode_fps``); short videos get
+    fewer than ``num_frames``."""
     synthetic_dir: str = ""
     """If set and ``train_path`` is missing, ``cacovid-rl train`` generates synthetic data here."""
     synthetic_size: int = 2000
@@ -58,8 +60,11 @@ class ModelConfig:
     family: Literal["auto", "llava_onevision", "qwen2_5_vl"] = "auto"
     """Adapter family; ``auto`` reads ``model_type`` from the checkpoint's config."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations of the frozen video LLM (``bfloat16`` on GPUs, ``float32`` on CPU)."""
     device: str = "cpu"
+    """Where the video LLM runs in a reward actor or evaluation (``cpu``, ``cuda``, ``cuda:1``)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """transformers attention kernel of the video LLM; ``flash_attention_2`` needs the ``gpu`` extra."""
     max_new_tokens: int = 16
     """Answer budget per combination (the reference uses 768; bare answers need a handful)."""
     mc_first_token_fast_path: bool = True
@@ -90,12 +95,18 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     num_content: int = 1
+    """Content (DPC-KNN, policy-free) combinations per question and iteration."""
     num_token: int = 23
+    """Token-mode combinations per question and iteration; the first is the policy's per-frame top-k."""
     num_frame: int = 8
+    """Frame-mode combinations per question and iteration; the first keeps the top-scored frames."""
     rate: float = 0.02
     """Initial keep rate per frame for training combinations (k = round(rate * tokens_per_frame))."""
     group_size: int = 2
+    """Rank bands per frame: ``num_group = max(int(1 / rate / group_size), 1)`` (about ``group_size * k`` tokens
+    each)."""
     max_group_prob: float = 2.0
+    """A band's draw probability is capped at ``clip(max_group_prob / num_group, 0.1, 0.9)``."""
     frame_ratio: float = 0.125
     """Fraction of frames kept by a frame-mode sample."""
     knn_k: int = 4
@@ -124,10 +135,15 @@ class RolloutConfig:
     iterations: int = 5
     """Reuses of one question; each samples fresh combinations from the first-iteration scores."""
     adaptive_rate: bool = True
+    """Adapt each question's keep rate between iterations from its token-mode accuracy so far."""
     high_reward: float = 0.875
+    """Halve the rate when the token-mode accuracy in memory is at least this (the question is too easy)."""
     low_reward: float = 0.125
+    """Double the rate when the token-mode accuracy in memory is at most this (the question is too hard)."""
     min_rate: float = 0.01
+    """Floor of the adaptive rate (the floor in force is ``min(min_rate, sampling.rate)``)."""
     max_rate: float = 0.12
+    """Ceiling of the adaptive rate (the ceiling in force is ``max(max_rate, sampling.rate)``)."""
 
     def validate(self) -> None:
         _check(self.iterations >= 1, "rollout.iterations", "must be >= 1")
@@ -138,11 +154,15 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class LossConfig:
     clip_low: float = 0.2
+    """PPO ratio clip below 1: ``clip(ratio, 1 - clip_low, 1 + clip_high)``."""
     clip_high: float = 0.28
+    """PPO ratio clip above 1 (asymmetric, as the official trainer)."""
     kl_coef: float = 0.0
     """Weight of the optional k3 KL towards Bernoulli(0.5)."""
     adv_eps: float = 1e-4
+    """Added to the (unbiased) reward std when normalising group advantages."""
     frame_loss: bool = True
+    """Add the frame head's loss (frame-mode samples) to the token loss, as the method does."""
     max_is_weight: float = 2.0
     """Truncation of the behaviour -> proximal importance weight for stale rollouts (rl/loss.py)."""
 
@@ -159,28 +179,37 @@ class LearnerConfig:
     decoder_lr_scale: float = 0.1
     """Decoder-layer learning rate as a fraction of ``lr``."""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay, not applied to biases and norms."""
     grad_clip: float = 5.0
+    """Global gradient-norm clip per optimiser step."""
     schedule: Literal["cosine", "constant", "linear", "official_cosine"] = "cosine"
     """LR multiplier: ``cosine`` (one half-cosine over the run's optimiser steps), ``constant``, ``linear``
     decay, or ``official_cosine``: the official run's schedule, a cosine sized for the number of questions but
     stepped once per iteration, so it falls to 0 and climbs back ``rollout.iterations / 2`` times over the run
     (needed to match the released checkpoint; golden/rate_and_schedule.json)."""
     warmup_steps: int = 0
+    """Linear warmup, in optimiser steps (Hugging Face's ``step / warmup``)."""
     total_steps: int = 1000
     """Policy updates (questions-per-step batches) before the run stops; 0 = one epoch of the training data."""
     questions_per_step: int = 1
+    """Questions per policy update (the official run: 1 question on each of 8 GPUs = 8)."""
     backend: Literal["torch", "deepspeed"] = "torch"
+    """``torch`` (plain AdamW) or ``deepspeed`` (ZeRO; ``zero_stage``)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage when ``backend`` is ``deepspeed``."""
     device: str = "cpu"
+    """Where the learner's policy replica and optimiser live (``cpu``, ``cuda``)."""
     placement_resource: str = ""
     """Custom resource the learner actor asks for (``learner`` on a cluster, empty locally)."""
     checkpoint_dir: str = "runs/default/checkpoints"
+    """Directory of ``step_*`` checkpoints and the ``LATEST`` pointer (must outlive any node)."""
     checkpoint_every: int = 50
-    publish_every: int = 1
-    """Publish weights to actors every N updates."""
+    """Write a checkpoint every N policy updates (and at the end, and on SIGTERM/SIGINT)."""
     max_staleness: int = 2
-    """Drop trajectories generated with weights more than this many versions old."""
+    """Pipeline window: batch ``b`` is rolled out with weight version ``max(0, b - max_staleness)``, so reward actors
+    run up to this many versions ahead of the learner (0 = on-policy, as the official trainer)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted after each save."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "learner.lr", "must be > 0")
@@ -188,7 +217,6 @@ class LearnerConfig:
         _check(self.questions_per_step >= 1, "learner.questions_per_step", "must be >= 1")
         _check(self.grad_clip > 0, "learner.grad_clip", "must be > 0")
         _check(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.publish_every >= 1, "learner.publish_every", "must be >= 1")
         _check(self.max_staleness >= 0, "learner.max_staleness", "must be >= 0")
         _check(self.checkpoint_every >= 1, "learner.checkpoint_every", "must be >= 1")
 
@@ -200,21 +228,29 @@ class ClusterConfig:
     num_cpus: int = 2
     """CPUs of the local Ray instance (ignored when joining a cluster)."""
     object_store_memory_mb: int = 512
+    """Object store of the local Ray instance (weights and trajectories pass through it)."""
     min_actors: int = 2
+    """The pool never shrinks below this many reward actors (it waits for capacity instead)."""
     max_actors: int = 2
     """The elastic pool grows towards this as ``reward_actor`` resources appear."""
     actor_num_gpus: float = 0.0
+    """GPUs per reward actor (1 on a cluster; fractions share a device; 0 on CPU)."""
     actor_num_cpus: float = 1.0
+    """CPUs per reward actor (frame decoding and preprocessing run on them)."""
     actor_resource: str = ""
     """Custom resource each reward actor asks for (``reward_actor`` on a cluster, empty locally)."""
     torch_threads: int = 1
+    """``torch.set_num_threads`` in each actor and task; oversubscribed threads slow CPU runs ~30x."""
     max_restarts: int = 3
+    """Ray restarts a dead reward actor this many times before the pool replaces it."""
     call_timeout_s: float = 600.0
     """A reward call taking longer than this counts as a hung actor: the actor is killed, work re-dispatched."""
     startup_timeout_s: float = 600.0
     """How long the driver waits for the learner and the first reward actor (cold GPU nodes take minutes)."""
     inflight_per_actor: int = 2
+    """Questions queued on one reward actor at a time (1 = no overlap between questions)."""
     pool_resize_every_s: float = 10.0
+    """How often the driver re-reads the cluster's ``reward_actor`` capacity to grow or shrink the pool."""
 
     def validate(self) -> None:
         _check(1 <= self.min_actors <= self.max_actors, "cluster.min_actors/max_actors", "need 1 <= min <= max")
@@ -227,7 +263,9 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     retentions: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50)
+    """Retention ratios (kept fraction of video tokens) evaluated for the policy and every baseline."""
     baselines: tuple[str, ...] = ("uniform", "random", "fastv", "visionzip", "divprune")
+    """Training-free methods evaluated beside the policy (``cacovid_rl.baselines.SELECTORS``)."""
     every_steps: int = 0
     """Launch the evaluation task every N learner steps (0: only at the end)."""
     max_samples: int = 0
@@ -256,26 +294,43 @@ class RewardConfig:
 @dataclass(frozen=True)
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """``offline`` writes ``wandb/offline-run-*`` under ``output_dir`` (``wandb sync`` uploads later)."""
     project: str = "cacovid-rl"
+    """wandb project name."""
     entity: str = ""
+    """wandb team or user (empty: the API key's default)."""
     run_name: str = ""
+    """wandb run name (empty: generated); a resumed run continues the same wandb run."""
 
 
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation records, videos and frame sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen video LLM that answers the combinations."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The policy network."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Online combination-space sampling for training."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Per-question iterations and the adaptive rate."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """Correctness rewards."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The clipped, class-balanced policy loss."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Optimiser, schedule, batching, staleness and checkpoints."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray: local instance or cluster, reward-actor pool and timeouts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation-time selection and the periodic evaluation task."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Experiment tracking."""
     output_dir: str = "runs/default"
+    """Run directory: resolved ``config.yaml``, ``metrics.jsonl``, ``policy/``, ``eval/``, ``wandb/``."""
     seed: int = 42
+    """Seeds the data order, every question's sampling RNG and the policy init."""
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
