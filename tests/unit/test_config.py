@@ -63,3 +63,26 @@ def test_every_shipped_config_loads():
     paths = sorted(root.glob("*.yaml"))
     for path in paths:
         load_config(path)
+
+
+def test_every_config_field_has_a_docstring():
+    """A field without a docstring is a knob nobody can use: each one says what it does (and the why)."""
+    import ast
+    import dataclasses
+
+    import cacovid_rl.config as config_module
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    documented: set[tuple[str, str]] = set()
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for node, nxt in zip(cls.body, [*cls.body[1:], None], strict=True):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            if isinstance(node, ast.AnnAssign) and is_doc:
+                documented.add((cls.name, node.target.id))
+    fields = {
+        (cls.__name__, f.name)
+        for cls in vars(config_module).values()
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == config_module.__name__
+        for f in dataclasses.fields(cls)
+    }
+    assert fields and not fields - documented, sorted(fields - documented)
