@@ -76,7 +76,8 @@ def test_every_config_field_has_a_docstring():
     documented: set[tuple[str, str]] = set()
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         for node, nxt in zip(cls.body, [*cls.body[1:], None], strict=True):
-            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            value = nxt.value if isinstance(nxt, ast.Expr) else None
+            is_doc = isinstance(value, ast.Constant) and isinstance(value.value, str)
             if isinstance(node, ast.AnnAssign) and is_doc:
                 documented.add((cls.name, node.target.id))
     fields = {
