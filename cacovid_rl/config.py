@@ -208,6 +208,11 @@ class LearnerConfig:
     max_staleness: int = 2
     """Pipeline window: batch ``b`` is rolled out with weight version ``max(0, b - max_staleness)``, so reward actors
     run up to this many versions ahead of the learner (0 = on-policy, as the official trainer)."""
+    skip_no_signal_steps: bool = True
+    """Skip the optimiser step of an iteration whose advantages are all exactly 0 (every optimised mode's rewards
+    equal in every question of the batch, KL off); the LR schedule still advances. The official trainer steps
+    anyway, so AdamW moves the weights on stale momentum and weight decay alone, which made a one-question bandit
+    drift away from a learned solution once its rewards stopped varying. ``false`` steps as the official does."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted after each save."""
 

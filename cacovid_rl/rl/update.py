@@ -181,7 +181,7 @@ class PolicyUpdater:
         agg: dict[str, float] = {}
         for it in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            if not self.has_signal(trajs, it):
+            if self.cfg.skip_no_signal_steps and not self.has_signal(trajs, it):
                 with torch.no_grad():
                     loss, metrics = self._batch_loss(trajs, it, prox)
                 self.scheduler.step()
