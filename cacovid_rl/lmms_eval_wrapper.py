@@ -1,38 +1,71 @@
-"""An lmms-eval model that answers from CaCoVID-pruned videos.
+"""An lmms-eval model that answers from CaCoVID-pruned videos: ``python -m lmms_eval --model cacovid``.
 
-Follows lmms-eval's "simple" model interface (``lmms_eval.api.model.lmms``): each request's ``args``
-are ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)`` and ``doc_to_visual(doc)`` returns
-the visuals of the document (here: one video path or one ``[T, H, W, 3]`` uint8 frame array).
-lmms-eval is optional and imported lazily: with it installed the class subclasses ``lmms`` and is
-registered as ``cacovid``; without it the class still works on any objects with that ``args`` layout
-(the unit tests use such fakes).
+Registered without a fork, the way lmms-eval 0.7 finds third-party models: this package declares an
+entry point in the ``lmms_eval.models`` group (``pyproject.toml``) whose payload, ``manifest()``, is a
+``ModelManifest`` naming ``CacovidLmms`` as a "simple" model. Installing the package (``pip install
+'cacovid-rl[lmms]'``) is all it takes; ``--include_path`` is for tasks, not models.
 
-Usage::
+``CacovidLmms`` follows lmms-eval's simple model interface: each request's ``args`` are ``(context,
+gen_kwargs, doc_to_visual, doc_id, task, split)`` and ``doc_to_visual(doc)`` returns the document's
+visuals (here one video path or one ``[T, H, W, 3]`` uint8 frame array). Answers come back as lmms-eval
+``GenerationResult`` objects whose token counts also carry the kept and total video tokens, so a run's
+``--log_samples`` output records the retention actually applied to every question.
+
+Usage (README, "Evaluating with lmms-eval")::
 
     python -m lmms_eval --model cacovid \\
-        --model_args pretrained=/ckpt/llava-onevision-qwen2-7b-ov-hf,policy=/run/policy,retention=0.25 \\
+        --model_args pretrained=/ckpt/llava-onevision-qwen2-7b-ov-hf,policy=/run/policy,retention=0.1 \\
         --tasks videomme --batch_size 1
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+try:
+    from lmms_eval.api.instance import GenerationResult, TokenCounts
+    from lmms_eval.api.model import lmms
+except ImportError as exc:  # the optional extra is missing: say how to get it, not just "No module named"
+    raise ImportError(
+        "cacovid_rl.lmms_eval_wrapper needs lmms-eval: pip install 'cacovid-rl[lmms]' "
+        "(pins lmms-eval==0.7.3 and the versions it needs)"
+    ) from exc
 
-def _lmms_base() -> type:
-    try:
-        from lmms_eval.api.model import lmms
-    except ImportError:
-        return object
-    return lmms
+MODEL_NAME = "cacovid"
 
 
-_Base: Any = _lmms_base()
+def manifest() -> Any:
+    """The ``lmms_eval.models`` entry point's payload: ``cacovid`` is ``CacovidLmms``, a simple model.
+
+    A callable rather than a module-level object so that loading the entry point imports nothing but
+    lmms-eval's own registry types.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.CacovidLmms")
 
 
-class CacovidLmms(_Base):
+@dataclass
+class VideoTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counts plus the video tokens kept by the policy and the total encoded.
+
+    ``to_dict`` adds them to what lmms-eval logs per sample (``token_counts`` in ``--log_samples`` files).
+    """
+
+    video_tokens_kept: int | None = None
+    video_tokens_total: int | None = None
+
+    def to_dict(self) -> dict[str, int | None]:
+        d = super().to_dict()
+        d["video_tokens_kept"] = self.video_tokens_kept
+        d["video_tokens_total"] = self.video_tokens_total
+        return d
+
+
+class CacovidLmms(lmms):
     """lmms-eval model: the video LLM at ``pretrained``, pruned by the policy at ``policy`` to ``retention``."""
 
     is_simple = True
@@ -50,32 +83,26 @@ class CacovidLmms(_Base):
         imp_ratio: float = 0.5,
         **kwargs: Any,
     ) -> None:
-        if _Base is not object:
-            super().__init__()
-        else:
-            self._rank, self._world_size = 0, 1
+        """``model_args`` of ``--model cacovid``: ``pretrained`` (a local checkpoint directory or ``tiny``),
+        ``policy`` (a saved policy directory), ``retention`` (kept fraction of the video tokens),
+        ``num_frames`` / ``max_fps`` (frame sampling), ``max_new_tokens`` (used when the task sets none),
+        ``imp_ratio`` (the evaluation-time selection's importance share)."""
+        super().__init__()
+        # lmms-eval passes max_batch_size along with batch_size; None values are already dropped.
+        kwargs.pop("max_batch_size", None)
         if kwargs:
             raise TypeError(f"unknown model_args for cacovid: {sorted(kwargs)}")
         if int(batch_size) != 1:
             raise ValueError("cacovid answers one question at a time (its G pruned copies batch internally)")
         from cacovid_rl.inference import CacovidPruner
 
-        self.pretrained = pretrained
-        self.pruner = CacovidPruner.from_pretrained(policy, device=device, imp_ratio=float(imp_ratio))
+        self.pretrained = str(pretrained)
+        self.pruner = CacovidPruner.from_pretrained(str(policy), device=device, imp_ratio=float(imp_ratio))
         self.retention = float(retention)
         self.num_frames = int(num_frames)
         self.max_fps = float(max_fps)
         self.max_new_tokens = int(max_new_tokens)
-        self.task_dict: dict[str, Any] = getattr(self, "task_dict", {})
         self.last_timings: list[dict[str, float]] = []
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
 
     def _video(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> str | np.ndarray:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
@@ -89,10 +116,10 @@ class CacovidLmms(_Base):
             raise TypeError(f"expected a video path or a frame array, got {type(video).__name__} ({task} doc {doc_id})")
         return video
 
-    def generate_until(self, requests: list[Any]) -> list[str]:
+    def generate_until(self, requests: list[Any]) -> list[GenerationResult]:
         """Greedy answers from the pruned video, cut at the first ``until`` string of each request."""
         adapter = self.pruner.adapter(self.pretrained)
-        out: list[str] = []
+        out: list[GenerationResult] = []
         self.last_timings = []
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -105,14 +132,17 @@ class CacovidLmms(_Base):
                 context,
                 self.retention,
                 num_frames=self.num_frames,
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
                 max_fps=self.max_fps,
             )
             text = answer.text
             for stop in until:
                 if stop:
                     text = text.split(stop, 1)[0]
-            out.append(text)
+            counts = VideoTokenCounts(
+                video_tokens_kept=len(answer.kept_indices), video_tokens_total=int(answer.num_video_tokens)
+            )
+            out.append(GenerationResult(text=text, token_counts=counts))
             self.last_timings.append(answer.timings)
         return out
 
@@ -124,14 +154,3 @@ class CacovidLmms(_Base):
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("cacovid does not support multi-round generation; use generate_until tasks")
-
-
-def _register() -> None:
-    try:
-        from lmms_eval.api.registry import register_model
-    except ImportError:
-        return
-    register_model("cacovid")(CacovidLmms)
-
-
-_register()

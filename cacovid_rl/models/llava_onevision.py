@@ -3,7 +3,8 @@
 ``T`` is the number of frames and ``N`` the pooled tokens per frame (``ceil(h/2) * ceil(w/2)`` for an
 ``h x w`` patch grid: 14 x 14 = 196 for the 7B at 384 px). ``get_video_features`` appends one
 ``image_newline`` after the whole video; it stays in the sequence right after the video block and is
-never scored or pruned. Positions are plain ``0..L-1``.
+never scored or pruned. Positions are plain ``0..L-1``. Frames become pixels through the checkpoint's
+own ``LlavaOnevisionVideoProcessor`` (``preprocessing.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from cacovid_rl.models.base import VideoLLMAdapter
-from cacovid_rl.models.preprocessing import LlavaVideoPreprocessing
+from cacovid_rl.models.preprocessing import default_video_processor, process_video
 from cacovid_rl.types import EncodedQuestion
 
 
@@ -27,10 +29,12 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         self,
         model: LlavaOnevisionForConditionalGeneration,
         tokenizer: Any,
-        preprocessing: LlavaVideoPreprocessing | None = None,
+        video_processor: BaseVideoProcessor | None = None,
         processor: Any | None = None,
         **kwargs: Any,
     ) -> None:
+        """``video_processor``: the checkpoint's transformers video processor (``None``: the class defaults
+        sized for the vision tower, for models built in memory)."""
         if not isinstance(model, LlavaOnevisionForConditionalGeneration):
             raise TypeError(f"LlavaOnevisionAdapter needs a LlavaOnevisionForConditionalGeneration, got {type(model)}")
         if model.config.vision_feature_select_strategy != "full":
@@ -40,24 +44,32 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                 f"got {model.config.vision_feature_select_strategy!r}"
             )
         vision = model.config.vision_config
-        if preprocessing is None:
-            preprocessing = LlavaVideoPreprocessing(height=vision.image_size, width=vision.image_size)
-        super().__init__(model, tokenizer, preprocessing, processor, **kwargs)
-        self.video_token_id = int(model.config.video_token_id)
-        if (preprocessing.height, preprocessing.width) != (vision.image_size, vision.image_size):
+        if video_processor is None:
+            video_processor = default_video_processor(model.config)
+        size = video_processor.size
+        # Checked here, not at the first video: a processor that keeps the aspect ratio (shortest_edge) or
+        # skips resizing would feed the tower a grid it cannot pool into T*N tokens.
+        if not video_processor.do_resize or (size.height, size.width) != (vision.image_size, vision.image_size):
             raise ValueError(
-                f"video preprocessing resizes to {preprocessing.height}x{preprocessing.width} but the vision tower "
-                f"expects {vision.image_size}x{vision.image_size}"
+                f"the video processor resizes to {dict(size)} (do_resize={video_processor.do_resize}) but the "
+                f"vision tower expects {vision.image_size}x{vision.image_size}"
             )
+        super().__init__(model, tokenizer, video_processor, processor, **kwargs)
+        self.video_token_id = int(model.config.video_token_id)
         grid = vision.image_size // vision.patch_size
         self.tokens_per_frame = math.ceil(grid / 2) ** 2
 
     def text_positions(self, length: int) -> torch.Tensor:
         return torch.arange(length)
 
+    @property
+    def video_processor(self) -> BaseVideoProcessor:
+        """The transformers video processor every video goes through."""
+        return self.preprocessing
+
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
-        """``pixel_values_videos`` ``[1, T, 3, S, S]`` in the model's dtype and device."""
-        return self.preprocessing(frames).to(self.device, self.dtype)
+        """``pixel_values_videos`` ``[1, T, 3, S, S]`` from the video processor, in the model's dtype and device."""
+        return process_video(self.video_processor, frames)["pixel_values_videos"].to(self.device, self.dtype)
 
     def input_ids(self, prompt: str, num_frames: int) -> tuple[torch.Tensor, int]:
         """Prompt ids with the video placeholder expanded to ``T*N + 1`` tokens, and the block start."""

@@ -1,11 +1,10 @@
 """``load_adapter(cfg.model)``: a video-LLM adapter from a local ``save_pretrained`` checkpoint.
 
 The family comes from the checkpoint's ``config.json`` ``model_type``. The model loads with
-``from_pretrained(path, dtype=..., attn_implementation=...)``; the processor with
-``AutoProcessor.from_pretrained`` when it can be built (transformers' video processors need
-torchvision, which this project does not require). Without it the adapter uses the tokenizer, the
-checkpoint's chat template and the torch re-implementation of the video preprocessing
-(``preprocessing.py``), configured from ``video_preprocessor_config.json``.
+``from_pretrained(path, dtype=..., attn_implementation=...)``; frames go through the checkpoint's own
+transformers video processor (``AutoProcessor``'s ``video_processor``, or ``AutoVideoProcessor`` where
+the checkpoint saved only that), the one preprocessing path (``preprocessing.py``). The chat template
+comes from the full processor when the checkpoint has one, else from the tokenizer / ``chat_template.jinja``.
 
 ``path="tiny"`` is the model shipped inside the package (``cacovid_rl/assets/tiny_vlm``). Nothing is
 ever downloaded: a hub id that is not a local directory is an error.
@@ -24,12 +23,13 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
 )
-from transformers.utils import is_flash_attn_2_available, is_torchvision_available
+from transformers.utils import is_flash_attn_2_available
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from cacovid_rl.config import ModelConfig
 from cacovid_rl.models.base import GIB, VideoLLMAdapter
 from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
-from cacovid_rl.models.preprocessing import from_video_processor, load_video_preprocessing
+from cacovid_rl.models.preprocessing import VideoProcessorError, load_video_processor
 from cacovid_rl.models.qwen2_5_vl import Qwen2_5VLAdapter
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,27 @@ def _chat_template(path: Path) -> str | None:
 
 
 def _processor(path: Path) -> Any | None:
-    if not is_torchvision_available():
-        return None
+    """The checkpoint's full transformers processor, or ``None`` where it saved only some of its parts."""
     from transformers import AutoProcessor, ProcessorMixin
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, ImportError, KeyError) as exc:
-        log.warning("no transformers processor for %s (%s); using the torch video preprocessing", path, exc)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.info("no full transformers processor in %s (%s); using its video processor and tokenizer", path, exc)
         return None
     # AutoProcessor falls back to a bare tokenizer when the checkpoint has no processor config.
     return processor if isinstance(processor, ProcessorMixin) else None
+
+
+def _video_processor(path: Path, processor: Any | None) -> BaseVideoProcessor:
+    """The full processor's video processor, else the one ``AutoVideoProcessor`` reads from the checkpoint."""
+    video_processor = getattr(processor, "video_processor", None)
+    if isinstance(video_processor, BaseVideoProcessor):
+        return video_processor
+    try:
+        return load_video_processor(path)
+    except VideoProcessorError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def load_adapter(cfg: ModelConfig) -> VideoLLMAdapter:
@@ -120,14 +130,10 @@ def load_adapter(cfg: ModelConfig) -> VideoLLMAdapter:
     ).to(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = _processor(path)
-    if processor is not None and getattr(processor, "video_processor", None) is not None:
-        preprocessing = from_video_processor(processor.video_processor, family)
-    else:
-        preprocessing = load_video_preprocessing(path, family)
     return adapter_cls(
         model,
         tokenizer,
-        preprocessing,
+        _video_processor(path, processor),
         processor,
         chat_template=_chat_template(path),
         combos_per_forward=cfg.combos_per_forward,

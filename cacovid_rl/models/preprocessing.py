@@ -1,34 +1,35 @@
-"""Frame preprocessing for the video LLMs, in plain torch.
+"""Video preprocessing: the checkpoint's own transformers video processor, called one way.
 
-transformers 5 video processors (``LlavaOnevisionVideoProcessor``, ``Qwen2VLVideoProcessor``) require
-torchvision, which this project does not depend on. These classes reproduce their arithmetic (resize
-with antialiased bicubic interpolation on the uint8 frames, round and clamp, then fused rescale +
-normalise, then Qwen's patchify) from the same configuration keys as the checkpoint's
-``video_preprocessor_config.json``, so a real checkpoint and a tiny test model are preprocessed by the
-same code. When torchvision is installed, ``from_processor`` still reads the values from the real
-processor so the two cannot drift apart.
+There is exactly one preprocessing path. Every adapter turns decoded frames into pixel inputs with
+the transformers video processor of its checkpoint (``LlavaOnevisionVideoProcessor``,
+``Qwen2VLVideoProcessor``: what ``AutoVideoProcessor.from_pretrained`` builds from the checkpoint's
+``video_preprocessor_config.json`` or the ``video_processor`` entry of its ``processor_config.json``),
+so the pixels the LLM sees here are the pixels it sees in transformers, vLLM or lmms-eval. An earlier
+plain-torch re-implementation (torchvision could not be installed beside the CPU torch wheel) differed
+from transformers by up to 16/255 on about a fifth of the resized pixels; it is gone.
+
+The processor is called on already sampled frames (``do_sample_frames=False``: frame sampling is the
+video reader's job, ``cacovid_rl.data.video``) with channels-last input stated explicitly, so a clip of
+three frames is never mistaken for a channels-first array.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
-PROCESSOR_FILE = "processor_config.json"
+from transformers import AutoVideoProcessor, LlavaOnevisionVideoProcessor, PretrainedConfig, Qwen2VLVideoProcessor
+from transformers.image_utils import ChannelDimension
+from transformers.video_processing_utils import BaseVideoProcessor
 
 
 class FrameError(ValueError):
     """Frames handed to an adapter are not a non-empty ``uint8`` array of shape ``[T, H, W, 3]``."""
+
+
+class VideoProcessorError(RuntimeError):
+    """A checkpoint has no usable video processor, or it does not fit the model's vision tower."""
 
 
 def check_frames(frames: np.ndarray) -> np.ndarray:
@@ -44,171 +45,49 @@ def check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic antialiased resize of ``[T, 3, H, W]`` uint8 frames, rounded back to the uint8 grid.
+def process_video(video_processor: BaseVideoProcessor, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    """``video_processor`` applied to one clip of decoded frames: its ``pixel_values_videos`` (and, for
+    Qwen, ``video_grid_thw``) exactly as transformers computes them.
 
-    Matches torchvision's tensor resize for uint8 inputs (float interpolation, round, clamp).
+    LLaVA-OneVision: ``pixel_values_videos`` ``[1, T, 3, S, S]``. Qwen2-VL / 2.5-VL:
+    ``pixel_values_videos`` ``[P, 3 * tp * ps * ps]`` and ``video_grid_thw`` ``[1, 3]``.
     """
-    x = frames.float()
-    if (x.shape[-2], x.shape[-1]) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-        x = x.round_().clamp_(0, 255)
-    return x
+    out = video_processor(
+        videos=[check_frames(frames)],
+        do_sample_frames=False,
+        input_data_format=ChannelDimension.LAST,
+        return_tensors="pt",
+    )
+    return dict(out)
 
 
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(check_frames(frames))).permute(0, 3, 1, 2)
+def load_video_processor(path: str | Path) -> BaseVideoProcessor:
+    """The video processor a local checkpoint ships (``AutoVideoProcessor``, never downloaded)."""
+    try:
+        return AutoVideoProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise VideoProcessorError(
+            f"{path} has no video processor config (video_preprocessor_config.json, or processor_config.json with "
+            f"a 'video_processor' entry): save one with the checkpoint's processor, e.g. "
+            f"AutoProcessor.from_pretrained(<original checkpoint>).save_pretrained('{path}') ({exc})"
+        ) from exc
 
 
-@dataclass(frozen=True)
-class _Normalize:
-    image_mean: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
-    image_std: tuple[float, ...] = tuple(OPENAI_CLIP_STD)
-    rescale_factor: float = 1 / 255
-    do_rescale: bool = True
-    do_normalize: bool = True
+def default_video_processor(config: PretrainedConfig) -> BaseVideoProcessor:
+    """The family's transformers video processor sized for ``config``'s vision tower.
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Rescale then normalise ``[T, 3, H, W]`` float frames (channels on dim 1)."""
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.image_std, dtype=x.dtype).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        return x
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["image_mean"] = list(self.image_mean)
-        d["image_std"] = list(self.image_std)
-        return d
-
-    def save(self, directory: str | Path) -> None:
-        """Write the ``video_preprocessor_config.json`` that ``load`` (and transformers) read."""
-        Path(directory, VIDEO_PREPROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def _common(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("image_mean", "image_std"):
-        if cfg.get(key) is not None:
-            value = cfg[key]
-            out[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
-    for key in ("rescale_factor",):
-        if cfg.get(key) is not None:
-            out[key] = float(cfg[key])
-    for key in ("do_rescale", "do_normalize"):
-        if cfg.get(key) is not None:
-            out[key] = bool(cfg[key])
-    return out
-
-
-@dataclass(frozen=True)
-class LlavaVideoPreprocessing(_Normalize):
-    """LLaVA-OneVision: every frame resized to ``height x width`` (384 x 384 for the 7B), then normalised."""
-
-    height: int = 384
-    width: int = 384
-    video_processor_type: str = field(default="LlavaOnevisionVideoProcessor", repr=False)
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> LlavaVideoPreprocessing:
-        size = cfg.get("size") or {}
-        kwargs = _common(cfg)
-        if "height" in size and "width" in size:
-            kwargs.update(height=int(size["height"]), width=int(size["width"]))
-        elif "shortest_edge" in size:
-            kwargs.update(height=int(size["shortest_edge"]), width=int(size["shortest_edge"]))
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d["size"] = {"height": d.pop("height"), "width": d.pop("width")}
-        d["do_resize"] = True
-        d["resample"] = 3  # bicubic
-        return d
-
-    def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """``[T, H, W, 3]`` uint8 -> ``pixel_values_videos`` ``[1, T, 3, height, width]`` float32."""
-        x = _resize(_to_tensor(frames), self.height, self.width)
-        return self.normalize(x).unsqueeze(0).contiguous()
-
-
-@dataclass(frozen=True)
-class QwenVideoPreprocessing(_Normalize):
-    """Qwen2.5-VL: resize to multiples of ``patch_size * merge_size`` within a pixel budget, then patchify.
-
-    Frames are grouped ``temporal_patch_size`` at a time (the last frame is repeated to fill the last group).
+    For models built in memory (tests, the tiny debug models) that have no processor files: the
+    published defaults of the class, with the resolution the vision tower needs.
     """
-
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 28 * 28 * 768
-    video_processor_type: str = field(default="Qwen2VLVideoProcessor", repr=False)
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> QwenVideoPreprocessing:
-        kwargs = _common(cfg)
-        for key in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
-            if cfg.get(key) is not None:
-                kwargs[key] = int(cfg[key])
-        size = cfg.get("size") or {}
-        if size.get("shortest_edge") is not None:
-            kwargs["min_pixels"] = int(size["shortest_edge"])
-        if size.get("longest_edge") is not None:
-            kwargs["max_pixels"] = int(size["longest_edge"])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d["size"] = {"shortest_edge": d.pop("min_pixels"), "longest_edge": d.pop("max_pixels")}
-        d["do_resize"] = True
-        d["resample"] = 3
-        return d
-
-    def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[T, H, W, 3]`` uint8 -> (``pixel_values_videos`` ``[P, 3*tp*ps*ps]``, ``video_grid_thw`` ``[1, 3]``)."""
-        x = _to_tensor(frames)
-        factor = self.patch_size * self.merge_size
-        height, width = smart_resize(
-            int(x.shape[-2]), int(x.shape[-1]), factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+    vision = config.vision_config
+    if config.model_type == "llava_onevision":
+        return LlavaOnevisionVideoProcessor(size={"height": vision.image_size, "width": vision.image_size})
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        # cap_pixels_per_frame stated, as a saved checkpoint should: unset, transformers warns and means False.
+        return Qwen2VLVideoProcessor(
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+            cap_pixels_per_frame=False,
         )
-        x = self.normalize(_resize(x, height, width))
-        tp, ps, ms = self.temporal_patch_size, self.patch_size, self.merge_size
-        if pad := -x.shape[0] % tp:
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)], dim=0)
-        t, c = x.shape[0] // tp, x.shape[1]
-        gh, gw = height // ps, width // ps
-        # Same layout as Qwen2VLVideoProcessor.patchify: (t, h-blocks, w-blocks, mh, mw) x (c, tp, ps, ps).
-        patches = x.reshape(t, tp, c, gh // ms, ms, ps, gw // ms, ms, ps)
-        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * gh * gw, c * tp * ps * ps)
-        return patches.contiguous(), torch.tensor([[t, gh, gw]], dtype=torch.long)
-
-
-def load_video_preprocessing(directory: str | Path, family: str) -> LlavaVideoPreprocessing | QwenVideoPreprocessing:
-    """Read a checkpoint's video preprocessing settings.
-
-    Looked up in the layouts transformers 5 writes: ``video_preprocessor_config.json`` (a saved video
-    processor), the ``video_processor`` entry of ``processor_config.json`` (a saved processor), then
-    ``preprocessor_config.json`` (older checkpoints). Without any, the family's published defaults.
-    """
-    cls = LlavaVideoPreprocessing if family == "llava_onevision" else QwenVideoPreprocessing
-    d = Path(directory)
-    if (d / VIDEO_PREPROCESSOR_FILE).is_file():
-        return cls.from_dict(json.loads((d / VIDEO_PREPROCESSOR_FILE).read_text()))
-    if (d / PROCESSOR_FILE).is_file():
-        nested = json.loads((d / PROCESSOR_FILE).read_text()).get("video_processor")
-        if isinstance(nested, dict):
-            return cls.from_dict(nested)
-    if (d / "preprocessor_config.json").is_file():
-        return cls.from_dict(json.loads((d / "preprocessor_config.json").read_text()))
-    return cls()
-
-
-def from_video_processor(video_processor: Any, family: str) -> LlavaVideoPreprocessing | QwenVideoPreprocessing:
-    """Build the torch preprocessing from a real transformers video processor (when torchvision is installed)."""
-    cls = LlavaVideoPreprocessing if family == "llava_onevision" else QwenVideoPreprocessing
-    return cls.from_dict(video_processor.to_dict())
+    raise VideoProcessorError(f"no default video processor for model_type '{config.model_type}'")

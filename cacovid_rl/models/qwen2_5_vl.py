@@ -5,7 +5,8 @@ repeating the last frame) and ``N`` the merged tokens per group (``(h/2) * (w/2)
 patch grid). Positions are 3-D M-RoPE ids ``[3, L]`` from the model's own ``get_rope_index`` (with
 ``mm_token_type_ids``: without them transformers silently falls back to 1-D positions). Pruning
 gathers their columns; they are never recomputed. ``model.model.rope_deltas`` is reset around every
-call so no state leaks from one question to the next.
+call so no state leaks from one question to the next. Frames become pixels through the checkpoint's own
+``Qwen2VLVideoProcessor`` (``preprocessing.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from cacovid_rl.models.base import VideoLLMAdapter
-from cacovid_rl.models.preprocessing import QwenVideoPreprocessing
+from cacovid_rl.models.preprocessing import default_video_processor, process_video
 from cacovid_rl.types import EncodedQuestion
 
 VIDEO_TOKEN_TYPE = 2  # mm_token_type_ids: 0 text, 1 image, 2 video
@@ -30,33 +32,32 @@ class Qwen2_5VLAdapter(VideoLLMAdapter):
         self,
         model: Qwen2_5_VLForConditionalGeneration,
         tokenizer: Any,
-        preprocessing: QwenVideoPreprocessing | None = None,
+        video_processor: BaseVideoProcessor | None = None,
         processor: Any | None = None,
         *,
         fps: float | None = None,
         **kwargs: Any,
     ) -> None:
-        """``fps``: default frame rate of the sampled frames (sets the temporal position spacing, see ``encode``)."""
+        """``video_processor``: the checkpoint's transformers video processor (``None``: the class defaults with
+        the vision tower's patch sizes). ``fps``: default frame rate of the sampled frames (sets the temporal
+        position spacing, see ``encode``)."""
         if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
             raise TypeError(f"Qwen2_5VLAdapter needs a Qwen2_5_VLForConditionalGeneration, got {type(model)}")
         vision = model.config.vision_config
-        if preprocessing is None:
-            preprocessing = QwenVideoPreprocessing(
-                patch_size=vision.patch_size,
-                temporal_patch_size=vision.temporal_patch_size,
-                merge_size=vision.spatial_merge_size,
-            )
-        mismatch = (preprocessing.patch_size, preprocessing.temporal_patch_size, preprocessing.merge_size) != (
+        if video_processor is None:
+            video_processor = default_video_processor(model.config)
+        vp = video_processor
+        if (vp.patch_size, vp.temporal_patch_size, vp.merge_size) != (
             vision.patch_size,
             vision.temporal_patch_size,
             vision.spatial_merge_size,
-        )
-        if mismatch:
+        ):
             raise ValueError(
-                f"video preprocessing patches ({preprocessing}) do not match the vision config "
-                f"(patch {vision.patch_size}, temporal {vision.temporal_patch_size}, merge {vision.spatial_merge_size})"
+                f"the video processor's patches (patch {vp.patch_size}, temporal {vp.temporal_patch_size}, merge "
+                f"{vp.merge_size}) do not match the vision config (patch {vision.patch_size}, temporal "
+                f"{vision.temporal_patch_size}, merge {vision.spatial_merge_size})"
             )
-        super().__init__(model, tokenizer, preprocessing, processor, **kwargs)
+        super().__init__(model, tokenizer, video_processor, processor, **kwargs)
         self.video_token_id = int(model.config.video_token_id)
         self.merge_size = int(vision.spatial_merge_size)
         self.fps = fps
@@ -64,10 +65,16 @@ class Qwen2_5VLAdapter(VideoLLMAdapter):
     def text_positions(self, length: int) -> torch.Tensor:
         return torch.arange(length).expand(3, length).clone()
 
+    @property
+    def video_processor(self) -> BaseVideoProcessor:
+        """The transformers video processor every video goes through."""
+        return self.preprocessing
+
     def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``pixel_values_videos`` ``[P, C*tp*ps*ps]``, ``video_grid_thw`` ``[1, 3]``) on the model's device."""
-        pixels, grid = self.preprocessing(frames)
-        return pixels.to(self.device, self.dtype), grid.to(self.device)
+        """(``pixel_values_videos`` ``[P, C*tp*ps*ps]``, ``video_grid_thw`` ``[1, 3]``) from the video processor,
+        on the model's device."""
+        out = process_video(self.video_processor, frames)
+        return out["pixel_values_videos"].to(self.device, self.dtype), out["video_grid_thw"].to(self.device)
 
     def second_per_grid(self, fps: float | None) -> torch.Tensor | None:
         """Seconds per temporal group, as the processor computes it (``temporal_patch_size / fps``)."""
@@ -76,7 +83,7 @@ class Qwen2_5VLAdapter(VideoLLMAdapter):
             return None  # get_rope_index then uses 1 s per group
         if fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
-        return torch.tensor([self.preprocessing.temporal_patch_size / fps], device=self.device)
+        return torch.tensor([self.video_processor.temporal_patch_size / fps], device=self.device)
 
     def native_inputs(self, frames: np.ndarray, prompt: str, fps: float | None = None) -> dict[str, torch.Tensor]:
         """The inputs of the native ``model(**inputs)`` / ``model.generate(**inputs)`` path (tests, references)."""

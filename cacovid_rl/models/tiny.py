@@ -23,11 +23,12 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLVideoProcessor,
     SiglipVisionConfig,
 )
 
 from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
-from cacovid_rl.models.preprocessing import LlavaVideoPreprocessing, QwenVideoPreprocessing
+from cacovid_rl.models.preprocessing import default_video_processor
 from cacovid_rl.models.qwen2_5_vl import Qwen2_5VLAdapter
 from cacovid_rl.models.tokenizer import build_word_tokenizer
 
@@ -174,9 +175,8 @@ def tiny_llava_onevision(
     """A tiny LLaVA-OV adapter: 48 px frames, 6 x 6 patches pooled to 3 x 3 = 9 tokens per frame."""
     tok = tiny_tokenizer("llava_onevision", words)
     model = tiny_llava_onevision_model(tok, seed=seed, **model_kwargs)
-    size = model.config.vision_config.image_size
-    prep = LlavaVideoPreprocessing(height=size, width=size)
-    return LlavaOnevisionAdapter(model, tok, prep, **(adapter_kwargs or {}))
+    # transformers' LlavaOnevisionVideoProcessor with its CLIP defaults, resizing to the tower's image size
+    return LlavaOnevisionAdapter(model, tok, default_video_processor(model.config), **(adapter_kwargs or {}))
 
 
 def tiny_qwen2_5_vl(
@@ -192,22 +192,23 @@ def tiny_qwen2_5_vl(
     model = tiny_qwen2_5_vl_model(tok, seed=seed, **model_kwargs)
     vision = model.config.vision_config
     pixels = frame_size * frame_size
-    prep = QwenVideoPreprocessing(
+    # A pixel budget of exactly one frame_size x frame_size frame: smart_resize keeps any such frame as it is.
+    video_processor = Qwen2VLVideoProcessor(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
-        min_pixels=pixels,
-        max_pixels=pixels,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        cap_pixels_per_frame=False,
     )
-    return Qwen2_5VLAdapter(model, tok, prep, **(adapter_kwargs or {}))
+    return Qwen2_5VLAdapter(model, tok, video_processor, **(adapter_kwargs or {}))
 
 
 def save_adapter(adapter: LlavaOnevisionAdapter | Qwen2_5VLAdapter, directory: str | Path) -> Path:
-    """Write a ``save_pretrained`` checkpoint (model, tokenizer with chat template, video preprocessing)
-    that ``cacovid_rl.models.loading.load_adapter`` reads back."""
+    """Write a ``save_pretrained`` checkpoint (model, tokenizer with chat template, the transformers video
+    processor's ``video_preprocessor_config.json``) that ``cacovid_rl.models.loading.load_adapter`` reads back."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     adapter.model.save_pretrained(path)
     adapter.tokenizer.save_pretrained(path)
-    adapter.preprocessing.save(path)
+    adapter.video_processor.save_pretrained(path)
     return path

@@ -42,12 +42,14 @@ from transformers import (
     AutoTokenizer,
     BatchFeature,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionVideoProcessor,
     Qwen2Config,
     SiglipVisionConfig,
 )
 
 from cacovid_rl.data import synthetic
 from cacovid_rl.data.prompts import INSTRUCTIONS, build_prompt, chat_text
+from cacovid_rl.models.preprocessing import process_video
 from cacovid_rl.models.tiny import patch_local_llava_config
 from cacovid_rl.models.tokenizer import build_word_tokenizer
 
@@ -113,12 +115,13 @@ def processor_dict(frame_size: int, patch_size: int) -> dict[str, Any]:
 
 
 class FramesProcessor:
-    """The part of ``LlavaOnevisionProcessor`` the library uses, without torchvision.
+    """The part of ``LlavaOnevisionProcessor`` the training recipe uses, batched over many short clips.
 
     ``__call__(text=..., videos=...)`` returns ``input_ids``/``attention_mask`` (the ``<video>``
     placeholder expanded to one token per video feature, right padding) and ``pixel_values_videos``
-    (``[B, T, 3, H, W]``, rescaled and normalised with the saved settings). Frames of another size are
-    resized bicubically (antialiased), as the video processor does.
+    (``[B, T, 3, H, W]``). The pixels come from the checkpoint's own transformers
+    ``LlavaOnevisionVideoProcessor`` (``models.preprocessing.process_video``), the library's one
+    preprocessing path, so the recipe trains on exactly the pixels the adapters feed at evaluation.
     """
 
     def __init__(self, tokenizer: Any, config: dict[str, Any]) -> None:
@@ -127,11 +130,8 @@ class FramesProcessor:
         self.video_token = config.get("video_token", "<video>")
         self.video_token_id = int(tokenizer.convert_tokens_to_ids(self.video_token))
         self.num_image_tokens = int(config["num_image_tokens"])
-        vp = config["video_processor"]
-        self.size = (int(vp["size"]["height"]), int(vp["size"]["width"]))
-        self.rescale_factor = float(vp.get("rescale_factor", 1 / 255))
-        self.mean = torch.tensor(vp.get("image_mean", IMAGE_MEAN)).view(1, 3, 1, 1)
-        self.std = torch.tensor(vp.get("image_std", IMAGE_STD)).view(1, 3, 1, 1)
+        vp = {k: v for k, v in config["video_processor"].items() if k != "video_processor_type"}
+        self.video_processor = LlavaOnevisionVideoProcessor(**vp)
         self.chat_template = tokenizer.chat_template
 
     @classmethod
@@ -149,16 +149,8 @@ class FramesProcessor:
         return num_frames * side * side + 1
 
     def preprocess_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``[T, H, W, 3]`` uint8 -> ``[T, 3, h, w]`` float32, normalised."""
-        x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != self.size:
-            # torchvision resizes uint8 frames in float, then rounds back to the uint8 grid
-            x = (
-                F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
-                .round()
-                .clamp(0, 255)
-            )
-        return (x * self.rescale_factor - self.mean) / self.std
+        """``[T, H, W, 3]`` uint8 -> ``[T, 3, h, w]`` float32, resized and normalised by the video processor."""
+        return process_video(self.video_processor, np.asarray(frames))["pixel_values_videos"][0]
 
     def __call__(
         self,
@@ -210,14 +202,8 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def load_processor(path: str | Path) -> Any:
-    """``AutoProcessor.from_pretrained(path)`` where torchvision is installed, else ``FramesProcessor``."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(str(path))
+def load_processor(path: str | Path) -> FramesProcessor:
+    """The recipe's processor for a saved tiny model (its pixels are the video processor's; see FramesProcessor)."""
     return FramesProcessor.from_pretrained(path)
 
 
