@@ -38,12 +38,15 @@ from benchmarks.common import (
     GIB,
     MIB,
     REPO_ROOT,
+    annotate,
     base_parser,
     finish,
     fmt_bytes,
+    model_name,
     new_figure,
     print_table,
     qwen2_7b_config,
+    replot,
     resolve_model,
     setup_process,
     synthetic_data,
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return {}
+    if args.plot_only:
+        return replot(args, plot)
     setup_process(args.threads)
     started = time.perf_counter()
     model_path, source = resolve_model(args.model, args.seed)
@@ -369,9 +374,20 @@ def report(res: dict[str, Any]) -> None:
         )
 
 
-def plot(res: dict[str, Any], path: str) -> None:
+SERIES = {
+    "measured peak delta": "peak memory during the scoring call (adapter.generate of G combinations, c per "
+    "forward) minus the memory before it: peak RSS on CPU, max_memory_allocated on cuda; one fresh process each",
+    "fit fixed + estimate": "the measured fixed part + c x the per-combination bytes that choose_chunk_size "
+    "estimates (what the actor sizes its chunks with)",
+    "tiny-native / tiny-long": "the tiny model on a synthetic question (8 x 16 tokens, training rate) / on a "
+    "32 x 196-token layout with 25% kept (a 7B-like sequence length)",
+    "7b-1layer": "one Qwen2-7B-width decoder layer, bf16, 2% of 6,272 video tokens (per-layer transients only)",
+}
+
+
+def plot(res: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
     names = list(res["scenarios"])
-    fig, axes = new_figure(ncols=max(1, len(names)), width=4.6, height=3.8)
+    fig, axes = new_figure(ncols=max(1, len(names)), width=4.6, height=4.0)
     for ax, name in zip(axes, names, strict=False):
         sc = res["scenarios"][name]
         cs = [r["combos_per_forward"] for r in sc["runs"]]
@@ -384,7 +400,15 @@ def plot(res: dict[str, Any], path: str) -> None:
         ax.set_xlabel("combinations per forward")
         ax.set_ylabel("MiB")
         ax.set_title(f"{name} (seq {sc['pruned_seq_len']})", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")  # memory grows with c: the top left is empty
+    cfg = (payload or {}).get("config", {})
+    annotate(
+        fig,
+        payload,
+        "Reward-actor memory: peak of the scoring forward vs combinations per forward",
+        f"{model_name(cfg)} (tiny-*); one Qwen2-7B-width decoder layer, bf16 (7b-1layer)",
+        SERIES,
+    )
     from benchmarks.common import save_figure
 
     save_figure(fig, path)

@@ -89,6 +89,11 @@ def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="measure nothing: redraw the PNG from the existing result JSON at --out",
+    )
     return p
 
 
@@ -329,14 +334,78 @@ def png_path(out: str | Path) -> Path:
 
 
 def finish(args, benchmark: str, *, config, results, notes, started, argv, report, plot) -> dict:
-    """The common end of every benchmark: write the JSON, print the table, draw the PNG."""
+    """The common end of every benchmark: write the JSON, print the table, draw the PNG.
+
+    The plot is drawn from the JSON just written (``load_result``), exactly as ``--plot-only`` redraws it later,
+    so a figure never shows anything the committed JSON does not hold.
+    """
     write_result(args.out, benchmark, quick=args.quick, machine=machine_info(args.device), config=config,
                  results=results, notes=notes, started=started, argv=argv)  # fmt: skip
     report(results)
     if not args.no_plot:
-        plot(results, str(png_path(args.out)))
+        payload = load_result(args.out)
+        plot(payload["results"], str(png_path(args.out)), payload)
     print(f"wrote {args.out}")
     return results
+
+
+def _revive(obj: Any) -> Any:
+    """JSON back to what the plots read: every ``Stats.to_dict`` becomes a ``Stats`` again."""
+    if isinstance(obj, dict):
+        if set(obj) >= {"median", "p10", "p90", "min", "max", "n", "samples"}:
+            return Stats(*(obj[k] for k in ("median", "p10", "p90", "min", "max", "n", "samples")))
+        return {k: _revive(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_revive(v) for v in obj]
+    return obj
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """A result JSON as the benchmark held it (``Stats`` objects included)."""
+    return _revive(json.loads(Path(path).read_text()))
+
+
+def replot(args: argparse.Namespace, plot: Callable[..., Any]) -> dict[str, Any]:
+    """``--plot-only``: redraw the PNG beside ``args.out`` from the JSON there, without measuring anything."""
+    path = Path(args.out)
+    if not path.is_file():
+        raise SystemExit(f"error: --plot-only needs an existing result JSON, and {path} does not exist")
+    payload = load_result(path)
+    plot(payload["results"], str(png_path(path)), payload)
+    print(f"wrote {png_path(path)} from {path}")
+    return payload["results"]
+
+
+def describe_device(machine: dict[str, Any]) -> str:
+    """Where a result was measured, in the words a figure needs: the accelerator or the CPU, and its load."""
+    gpu = machine.get("gpu")
+    if gpu:
+        where = f"GPU {gpu['name']} ({gpu['memory_gib']} GiB)"
+    else:
+        threads = machine["torch_threads"]
+        where = f"CPU only: {machine['cpu_model']}, {machine['cores']} cores, {threads} torch thread(s)"
+    return f"{where}; load {machine.get('load_avg_1m_at_start', '?')} at start; torch {machine.get('torch', '?')}"
+
+
+def annotate(fig: Any, payload: dict[str, Any] | None, title: str, model: str, series: dict[str, str]) -> None:
+    """Title the figure with what it shows, the device and the model, and define every series under the axes.
+
+    A figure is often seen without its README: the device and model are in the title, and each series name that
+    appears in it (``reference``, ``prefill_floor`` ...) is defined in the caption below the panels.
+    """
+    import textwrap
+
+    device = describe_device(payload["machine"]) if payload else "device not recorded"
+    when = f"{payload['created'][:10]}{' (--quick)' if payload.get('quick') else ''}" if payload else ""
+    fig.suptitle(f"{title}\nmodel: {model}\ndevice: {device}; {when}", fontsize=9)
+    width = max(60, int(fig.get_figwidth() * 15))
+    lines = [textwrap.fill(f"{name}: {text}", width, subsequent_indent="    ") for name, text in series.items()]
+    fig.text(0.01, 0.0, "\n".join(lines), ha="left", va="top", fontsize=7.5, family="sans-serif")
+
+
+def legend_below(ax: Any, ncol: int = 1, **kw: Any) -> Any:
+    """A legend under the axes (below the x label), where it cannot cover the data."""
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=7.5, frameon=False, **kw)
 
 
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
@@ -351,10 +420,12 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay the panels out under the title and save; ``bbox_inches="tight"`` keeps the legends and caption that
+    sit outside the axes (``legend_below``, ``annotate``) in the image."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()  # makes room for the suptitle too
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -390,6 +461,20 @@ def fallback_tiny_model(seed: int = 0) -> Path:
         )
         save_adapter(adapter, path)
     return path
+
+
+TINY_MODEL = "shipped tiny LLaVA-OneVision (SigLIP 1 layer + Qwen2 LM d=128, 3 layers, float32)"
+"""How figures name the shipped tiny video LLM (``cacovid_rl/assets/tiny_vlm``)."""
+
+
+def model_name(config: dict[str, Any], key: str = "model") -> str:
+    """The video LLM a result used, from its ``config`` (``shipped``, a fallback random model, or a path)."""
+    source = str(config.get(key, ""))
+    if source == "shipped":
+        return TINY_MODEL
+    if source.startswith("fallback"):
+        return "random tiny LLaVA-OneVision of the shipped shapes (the shipped model was missing)"
+    return str(config.get("model_path") or source or "not recorded")
 
 
 def resolve_model(model: str, seed: int = 0) -> tuple[str, str]:

@@ -36,16 +36,20 @@ from torch import nn
 from benchmarks.common import (
     VIDEO_7B,
     Stats,
+    annotate,
     base_parser,
     default_dtype,
+    load_result,
     machine_info,
     measure_interleaved,
+    model_name,
     new_figure,
     param_count,
     parse_dtype,
     png_path,
     print_table,
     qwen2_7b_config,
+    replot,
     resolve_model,
     save_figure,
     setup_process,
@@ -221,7 +225,19 @@ def bench_width(
     return out
 
 
-def plot(results: dict[str, Any], path: str) -> None:
+SERIES = {
+    "cacovid": "CaCoVID's pruning decision: the policy forward + select_tokens (its two parts below)",
+    "cacovid_policy_forward / cacovid_selection": "the policy network's forward alone / the evaluation-time "
+    "selection (select_tokens) alone",
+    "uniform / random": "evenly spaced / random video tokens (index arithmetic)",
+    "fastv": "LLM layers 0-1 over the whole sequence + layer 2's attention of the last token",
+    "visionzip / divprune": "on the video features: dominant + merged contextual tokens / max-min diversity",
+    "prefill (right)": "adapter.generate(max_new_tokens=1): gather + LLM prefill + first token, with the tokens "
+    "CaCoVID keeps, relative to all video tokens; 'proportional' = time in proportion to the tokens kept",
+}
+
+
+def plot(results: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
     widths = list(results["widths"])
     fig, axes = new_figure(ncols=len(widths) + 1, width=5.2, height=4.2)
     methods = ["cacovid", "cacovid_policy_forward", "cacovid_selection", *BASELINES]
@@ -249,7 +265,17 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax.set_xlabel("video tokens kept")
     ax.set_ylabel("prefill time / full-token prefill")
     ax.set_title("prefill vs retention")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")  # the curves run from bottom left to top right
+    cfg = (payload or {}).get("config", {})
+    frames, per_frame = cfg.get("frames", "?"), cfg.get("tokens_per_frame", "?")
+    seven_b = f"random-weight Qwen2-7B-width LM (d=3584, first 3 layers, {cfg.get('wide_dtype', 'bfloat16')})"
+    annotate(
+        fig,
+        payload,
+        f"Pruning latency per question ({frames} frames x {per_frame} video tokens) and prefill vs retention",
+        f"tiny: {model_name(cfg, 'tiny_model')} LM; 7b: {seven_b}; random LLM-input embeddings",
+        SERIES,
+    )
     save_figure(fig, path)
 
 
@@ -260,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--frames", type=int, default=VIDEO_7B["frames"])
     p.add_argument("--tokens-per-frame", type=int, default=VIDEO_7B["tokens_per_frame"])
     args = p.parse_args(argv)
+    if args.plot_only:
+        return replot(args, plot)
     setup_process(args.threads)
     started = time.perf_counter()
     widths = [w.strip() for w in args.widths.split(",") if w.strip()]
@@ -327,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report(results)
     if not args.no_plot:
-        plot(results, str(png_path(args.out)))
+        payload = load_result(args.out)
+        plot(payload["results"], str(png_path(args.out)), payload)
     print(f"wrote {args.out}")
     return results
 

@@ -38,11 +38,14 @@ import torch
 from benchmarks.common import (
     REPO_ROOT,
     Stats,
+    annotate,
     base_parser,
     finish,
     measure_interleaved,
+    model_name,
     new_figure,
     print_table,
+    replot,
     resolve_model,
     save_figure,
     setup_process,
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ref-max-new-tokens", type=int, default=REF_MAX_NEW_TOKENS)
     p.add_argument("--group", default="1,23,8", help="content,token,frame samples per question (method: 1,23,8)")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return replot(args, plot)
     setup_process(args.threads)
     started = time.perf_counter()
     n_q = args.questions or (2 if args.quick else 8)
@@ -347,8 +352,20 @@ def report(res: dict[str, Any]) -> None:
     )
 
 
-def plot(res: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width=7, height=3.8)
+SERIES = {
+    "actor": "this project's reward path (cacovid_rl.rl.rollout): one batched generate over the G combinations, "
+    "finished rows compacted out, the multiple-choice first-token fast path",
+    "reference": "the official trainer's path: one Hugging Face generate of the G combinations, sampled "
+    "(temperature 0.01, top_p 0.01) up to 768 new tokens, then its second policy pass",
+    "reference_capped": "the same with max_new_tokens capped at the actor's (the 768-token budget's share)",
+    "naive": "per combination: re-encode the video, one greedy generate",
+    "prefill_floor": "not a path: encode + policy + ONE batched prefill and first-token logits, no decoding "
+    "(the least any batched path must do)",
+}
+
+
+def plot(res: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
+    fig, (ax,) = new_figure(width=7.5, height=3.8)
     names = list(res["combos_per_s"])
     med = [res["combos_per_s"][k].median for k in names]
     lo = [m - res["combos_per_s"][k].p10 for m, k in zip(med, names, strict=True)]
@@ -357,11 +374,20 @@ def plot(res: dict[str, Any], path: str) -> None:
                    edgecolor="k")  # fmt: skip
     for b, k in zip(bars, names, strict=True):
         sp = None if k == "prefill_floor" else res["speedup_of_actor"].get(k)
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, "" if sp is None else f"  actor {sp.median:.1f}x faster",
-                va="center", fontsize=9)  # fmt: skip
+        label = "" if sp is None else f"  actor {sp.median:.1f}x faster"
+        ax.text(res["combos_per_s"][k].p90, b.get_y() + b.get_height() / 2, label, va="center", fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("combinations scored per second (median, p10-p90)")
-    ax.set_title(f"Reward path throughput, G={res['group_size']}, {res['questions']} questions")
+    ax.set_xlim(0, max(res["combos_per_s"][k].p90 for k in names) * 1.3)  # room for the speedup labels
+    cfg = (payload or {}).get("config", {})
+    model = f"{model_name(cfg)}, {cfg.get('frames', '?')} frames" if cfg else "not recorded"
+    annotate(
+        fig,
+        payload,
+        f"Reward path throughput: G={res['group_size']} combinations x {res['questions']} questions",
+        model,
+        {k: SERIES[k] for k in names if k in SERIES},
+    )
     save_figure(fig, path)
 
 

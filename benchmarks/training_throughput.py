@@ -40,13 +40,17 @@ import numpy as np
 from benchmarks.common import (
     REPO_ROOT,
     Stats,
+    annotate,
     base_parser,
     finish,
     fmt_bytes,
+    legend_below,
     local_ray,
     machine_info,
+    model_name,
     new_figure,
     print_table,
+    replot,
     resolve_model,
     save_figure,
     setup_process,
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--questions-per-step", type=int, default=4)
     p.add_argument("--rounds", type=int, default=0, help="repeats of the whole 1/2/4 sweep, rotated (default 3)")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return replot(args, plot)
     setup_process(args.threads)
     started = time.perf_counter()
     counts = [1] if args.quick else [int(x) for x in args.actors.split(",")]
@@ -294,8 +300,19 @@ def report(res: dict[str, Any]) -> None:
     )
 
 
-def plot(res: dict[str, Any], path: str) -> None:
-    fig, axes = new_figure(ncols=2, width=5.0, height=3.9)
+SERIES = {
+    "measured": "combinations evaluated per second by the whole loop (driver, learner, reward actors), after the "
+    "warm-up updates; median over rounds, bars p10-p90",
+    "linear in actors": "n x the 1-actor throughput",
+    "N-core ceiling": "min(n, physical cores) x the 1-actor throughput: what the machine's cores allow",
+    "learner ceiling": "the rate one learner can consume trajectories: combinations per question / learner "
+    "seconds per question (1-actor runs)",
+    "core-limited ideal (right)": "min(n, cores) / n: the best scaling efficiency these cores allow",
+}
+
+
+def plot(res: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
+    fig, axes = new_figure(ncols=2, width=5.0, height=4.6)
     ns = [int(n) for n in res["runs"]]
     runs = [res["runs"][str(n)] for n in ns]
     thr = [r["combos_per_s"] for r in runs]
@@ -313,7 +330,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_ylabel("combinations evaluated / s")
     load = np.mean([r.get("load_avg_1m_start", np.nan) for r in runs])
     ax.set_title(f"Whole-loop throughput (machine load ~{load:.0f})", fontsize=10)
-    ax.legend(fontsize=7)
+    legend_below(ax, ncol=2)
     ax = axes[1]
     eff = [r["scaling_efficiency_stats"] for r in runs]
     ax.bar([str(n) for n in ns], [r["scaling_efficiency"] for r in runs], color="tab:red",
@@ -325,7 +342,16 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_xlabel("reward actors")
     ax.set_ylabel("throughput(n) / (n x throughput(1))")
     ax.set_title("Scaling efficiency (per round)", fontsize=10)
-    ax.legend(fontsize=7)
+    legend_below(ax)
+    cfg = (payload or {}).get("config", {})
+    recipe = f"{cfg.get('config', 'configs/debug_local.yaml')}, {cfg.get('questions_per_step', '?')} questions/update"
+    annotate(
+        fig,
+        payload,
+        "Training throughput: learner.driver.train with 1, 2 and 4 reward actors (local Ray)",
+        f"{model_name(cfg)}; {recipe}",
+        {k.replace("N-core", f"{cores}-core"): v for k, v in SERIES.items()},
+    )
     save_figure(fig, path)
 
 

@@ -33,16 +33,19 @@ import xxhash  # a wandb dependency: the faster-hash comparison
 from actors.reward_actor import RewardActor
 from benchmarks.common import (
     Stats,
+    annotate,
     base_parser,
     default_dtype,
     finish,
     fmt_bytes,
+    legend_below,
     local_ray,
     machine_info,
     new_figure,
     param_count,
     print_table,
     qwen2_7b_config,
+    replot,
     resolve_model,
     save_figure,
     setup_process,
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--actors", default="1,2,4")
     p.add_argument("--object-store-mb", type=int, default=2048)
     args = p.parse_args(argv)
+    if args.plot_only:
+        return replot(args, plot)
     setup_process(args.threads)
     started = time.perf_counter()
     sizes = ["tiny"] if args.quick else [s for s in args.sizes.split(",") if s]
@@ -222,8 +227,18 @@ def report(res: dict[str, Any]) -> None:
         )
 
 
-def plot(res: dict[str, Any], path: str) -> None:
-    fig, (ax, bx) = new_figure(ncols=2, width=5.6, height=4.2)
+SERIES = {
+    "publish -> all actors (left)": "from the start of the learner's publish (flatten included) until the LAST "
+    "actor holds the new version; median over repeats, bars p10-p90",
+    "tiny / 7b": "the policy of the shipped tiny model (float32) / of a Qwen2-7B-width decoder layer "
+    "(CacovidPolicy.from_blueprint, bf16); actors hold only the policy (no video LLM)",
+    "flatten / put + CRC32 (right)": "learner: CacovidPolicy.flat_state into one buffer / one ray.put + its CRC32",
+    "fetch + CRC32 + load": "the slowest actor: zero-copy object-store read, checksum, copy into its policy",
+}
+
+
+def plot(res: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
+    fig, (ax, bx) = new_figure(ncols=2, width=5.6, height=5.0)
     for size, r in res["sizes"].items():
         ns = [int(n) for n in r["actors"]]
         med = [r["actors"][str(n)]["to_all_s"].median for n in ns]
@@ -234,9 +249,9 @@ def plot(res: dict[str, Any], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xticks([int(n) for n in next(iter(res["sizes"].values()))["actors"]])
     ax.set_xlabel("actors")
-    ax.set_ylabel("publish -> all actors on the new version (s)")
-    ax.set_title("Weight broadcast latency (one machine)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("publish -> all actors (s), log scale")
+    ax.set_title("Weight broadcast latency (one machine)", fontsize=10)
+    legend_below(ax)
     # where the time goes, for the largest policy
     size, r = max(res["sizes"].items(), key=lambda kv: kv[1]["bytes"])
     ns = list(r["actors"])
@@ -254,8 +269,15 @@ def plot(res: dict[str, Any], path: str) -> None:
     bx.axhline(crc, color="k", ls=":", label=f"one CRC32 of the buffer: {crc:.2f} s (xxh3-128: {xxh:.2f} s)")
     bx.set_xlabel("actors")
     bx.set_ylabel("seconds (medians)")
-    bx.set_title(f"{size} policy ({fmt_bytes(r['bytes'])}): where the time goes")
-    bx.legend(fontsize=7)
+    bx.set_title(f"{size} policy ({fmt_bytes(r['bytes'])}): where the time goes", fontsize=10)
+    legend_below(bx)
+    annotate(
+        fig,
+        payload,
+        "Weight broadcast: learner publish -> every reward actor on the new policy version (Ray object store)",
+        "policies only: the shipped tiny model's and a 7B-width one (see tiny / 7b)",
+        SERIES,
+    )
     save_figure(fig, path)
 
 

@@ -9,6 +9,7 @@ position ids, pruned tokens removed from the sequence).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +26,22 @@ from cacovid_rl.types import EncodedQuestion, PolicyScores
 
 @dataclass
 class PrunedAnswer:
-    """The answer, the kept video tokens (sorted flat indices into ``T*N``) and per-stage wall times (s)."""
+    """The answer, the kept video tokens (sorted flat indices into ``T*N``) and per-stage wall times (s).
+
+    ``prompt`` is the text the LLM was asked (after options and the instruction were added), so a caller can
+    check it is the one the policy was trained with. ``token_scores`` ``[T, N]`` and ``frame_scores`` ``[T]``
+    are the policy's log-odds (what a heatmap of the selection draws); ``frames`` are the decoded frames the
+    model saw, kept only when ``answer(..., keep_frames=True)`` asks for them (a long video's frames are large).
+    """
 
     text: str
     kept_indices: np.ndarray
     num_video_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    prompt: str = ""
+    token_scores: np.ndarray | None = None
+    frame_scores: np.ndarray | None = None
+    frames: np.ndarray | None = None
 
     @property
     def kept_ratio(self) -> float:
@@ -107,12 +118,17 @@ class CacovidPruner:
         *,
         max_fps: float = 1.0,
         problem_type: str | None = None,
+        options: Sequence[str] | None = None,
+        keep_frames: bool = False,
     ) -> PrunedAnswer:
         """Answer ``question`` about ``video`` (a file path or ``[T, H, W, 3]`` uint8 frames) from a pruned video.
 
-        ``problem_type`` (e.g. ``"multiple choice"``) appends the training prompt's bare-answer
-        instruction; without it the question is sent as written. Timings: ``decode`` (video reading),
-        ``encode`` (vision tower + projector), ``score`` (policy), ``select``, ``generate``, ``total``.
+        The policy and the LLM answer best when asked the way they were trained: ``options`` (``"A. red"`` or
+        bare ``"red"``, lettered A, B, ...) are appended as the records' ``Options:`` block
+        (``data.prompts.problem_with_options``) and imply ``problem_type="multiple choice"``; ``problem_type``
+        appends the training prompt's bare-answer instruction (``data.prompts.build_prompt``). With neither,
+        the question is sent as written. Timings: ``decode`` (video reading), ``encode`` (vision tower +
+        projector), ``score`` (policy), ``select``, ``generate``, ``total``.
         """
         t0 = time.perf_counter()
         adapter = self.adapter(model)
@@ -124,12 +140,20 @@ class CacovidPruner:
             frames = subsample_frames(video, num_frames)
         else:
             raise TypeError(f"video must be a file path or a [T, H, W, 3] uint8 array, got {type(video).__name__}")
+        prompt = question
+        if options:
+            from cacovid_rl.data.prompts import problem_with_options
+
+            problem_type = problem_type or "multiple choice"
+            if problem_type != "multiple choice":
+                raise ValueError(f"options go with problem_type 'multiple choice', not {problem_type!r}")
+            prompt = problem_with_options(question, options)
         if problem_type is not None:
             from cacovid_rl.data.prompts import build_prompt
 
-            question = build_prompt(question, problem_type)
+            prompt = build_prompt(prompt, problem_type)
         t1 = time.perf_counter()
-        enc = adapter.encode(frames, question)
+        enc = adapter.encode(frames, prompt)
         t2 = self._sync_time(adapter)
         scores = self._policy_on(enc.inputs_embeds.device).score(enc)
         t3 = self._sync_time(adapter)
@@ -145,7 +169,16 @@ class CacovidPruner:
             "generate": t5 - t4,
             "total": t5 - t0,
         }
-        return PrunedAnswer(text, keep.cpu().numpy(), enc.num_video_tokens, timings)
+        return PrunedAnswer(
+            text,
+            keep.cpu().numpy(),
+            enc.num_video_tokens,
+            timings,
+            prompt=prompt,
+            token_scores=scores.token.float().cpu().numpy(),
+            frame_scores=scores.frame.float().cpu().numpy(),
+            frames=frames if keep_frames else None,
+        )
 
     @staticmethod
     def _sync_time(adapter: VideoLLMAdapter) -> float:

@@ -8,6 +8,8 @@ token sequences a model was trained on and the ones it is scored on are identica
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from cacovid_rl.answers import PROBLEM_TYPES
@@ -30,6 +32,38 @@ def build_prompt(problem: str, problem_type: str) -> str:
     except KeyError:
         raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {list(PROBLEM_TYPES)}") from None
     return f"{problem}\n{instruction}"
+
+
+OPTION_LABEL = re.compile(r"^[A-Z][.)]\s")
+"""An option that already carries its letter (``A. red``, ``B) green``), as Video-R1 options do."""
+
+
+def letter_options(options: Sequence[str]) -> list[str]:
+    """Options as ``A. text`` lines: kept verbatim when every one is labelled, lettered A, B, ... when none is.
+
+    Mixed lists are refused rather than guessed: the letters are what a multiple-choice answer names.
+    """
+    opts = [o.strip() for o in options if o.strip()]
+    if not opts:
+        raise ValueError("no options given")
+    labelled = [bool(OPTION_LABEL.match(o)) for o in opts]
+    if all(labelled):
+        return opts
+    if any(labelled):
+        raise ValueError(f"label every option ('A. red') or none ('red'), not some: {opts}")
+    if len(opts) > 26:
+        raise ValueError(f"at most 26 options can be lettered, got {len(opts)}")
+    return [f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(opts)]
+
+
+def problem_with_options(question: str, options: Sequence[str]) -> str:
+    """A multiple-choice record's ``problem``: the question, ``Options:``, then one ``A. text`` option per line.
+
+    The layout every training record has (the synthetic generator, the Video-R1 loader in ``data/records.py`` and
+    the benchmark parsers build the same string), so a question asked with this text and ``build_prompt`` is
+    the prompt the policy was trained on.
+    """
+    return question.rstrip("\n") + "\nOptions:\n" + "\n".join(letter_options(options))
 
 
 def chat_messages(prompt: str, video: bool = True) -> list[dict[str, Any]]:

@@ -1,20 +1,17 @@
-"""CacovidPruner (one-call pruned answers) and the lmms-eval model wrapper, on tiny models."""
+"""CacovidPruner (one-call pruned answers) on tiny models (the lmms-eval wrapper: tests/lmms_eval)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from cacovid_rl.inference import CacovidPruner, PrunedAnswer, subsample_frames
-from cacovid_rl.lmms_eval_wrapper import CacovidLmms
 from cacovid_rl.models.tiny import save_adapter, tiny_llava_onevision, tiny_qwen2_5_vl
 from cacovid_rl.policy.network import CacovidPolicy
-from cacovid_rl.policy.selection import select_tokens
+from cacovid_rl.types import EncodedQuestion, PolicyScores
 
 QUESTION = "what colour is the striped object ?"
 
@@ -49,9 +46,24 @@ def test_answer_prunes_with_the_policy_and_selection(pruner, adapter, frames):
     assert set(out.timings) == {"decode", "encode", "score", "select", "generate", "total"}
     assert all(v >= 0 for v in out.timings.values())
     enc = adapter.encode(frames, QUESTION)
-    keep = select_tokens(pruner.policy.score(enc), 0.25)
-    assert np.array_equal(keep.numpy(), out.kept_indices)
-    assert out.text == adapter.generate(enc, keep[None], 6)[0]
+    assert out.text == adapter.generate(enc, torch.from_numpy(out.kept_indices)[None], 6)[0]
+
+
+@pytest.mark.parametrize("case_id", ["eval_002", "eval_008"])
+def test_pruner_keeps_what_the_official_selection_keeps(pruner, adapter, monkeypatch, case_id):
+    """Fed the official code's policy scores (golden data), the pruner keeps the official code's tokens: checked
+    against the official output, not against ``select_tokens``, so a selection bug cannot hide behind itself."""
+    from tests.golden_io import blob, load_golden
+
+    case = next(c for c in load_golden("eval_selection")["cases"] if c["id"] == case_id)
+    assert (case["T"], case["N"], case["imp_ratio"]) == (4, 16, pruner.imp_ratio)
+    scores = PolicyScores(torch.from_numpy(blob(case["token_scores"])), torch.from_numpy(blob(case["frame_scores"])))
+    monkeypatch.setattr(pruner.policy, "score", lambda enc: scores)
+    # A 4 x 16-token video block between text embeddings, as the golden case's 4x4 grids.
+    embeds = torch.randn(3 + 64 + 2, adapter.hidden_size)
+    enc = EncodedQuestion(embeds, torch.arange(embeds.shape[0]), 3, 4, 16)
+    keep, got = pruner.select(enc, case["retention"])
+    assert got is scores and keep.tolist() == case["official_kept"]
 
 
 def test_full_retention_equals_the_unpruned_answer(pruner, adapter, frames):
@@ -101,54 +113,15 @@ def test_bad_inputs(pruner, adapter, frames):
         CacovidPruner.from_pretrained("/nonexistent/policy")
 
 
-@dataclass
-class FakeInstance:
-    """The part of lmms-eval's ``Instance`` a simple model reads: ``args``."""
+def test_options_and_problem_type_build_the_training_prompt(pruner, adapter, frames):
+    """``options`` + the implied ``multiple choice`` give the prompt ``build_prompt`` makes of a training record."""
+    from cacovid_rl.data.prompts import build_prompt
 
-    args: tuple[Any, ...]
-
-
-def test_lmms_eval_wrapper(policy_dir, adapter, frames, tmp_path):
-    save_adapter(adapter, tmp_path / "llm")
-    model = CacovidLmms(pretrained=str(tmp_path / "llm"), policy=str(policy_dir), retention=0.25, max_new_tokens=6)
-    docs = {"d0": {"video": frames}, "d1": {"video": frames[:4]}, "bad": {"video": None}}
-    model.task_dict = {"toy": {"test": docs}}
-
-    def to_visual(doc):
-        return [doc["video"]]
-
-    requests = [
-        FakeInstance((QUESTION, {"until": ["\n"], "max_new_tokens": 6}, to_visual, "d0", "toy", "test")),
-        FakeInstance((QUESTION, {"max_new_tokens": 3}, to_visual, "d1", "toy", "test")),
-    ]
-    answers = model.generate_until(requests)
-    pruner = model.pruner
-    direct = pruner.answer(pruner.adapter(str(tmp_path / "llm")), frames, QUESTION, 0.25, max_new_tokens=6)
-    assert answers[0] == direct.text and len(answers) == 2
-    assert len(answers[1].split()) <= 3
-    assert len(model.last_timings) == 2
-
-    first_word = direct.text.split()[0] if direct.text.split() else ""
-    if len(direct.text.split()) > 1:  # "until" cuts the answer at the first stop string
-        cut = model.generate_until(
-            [
-                FakeInstance(
-                    (
-                        QUESTION,
-                        {"until": f" {direct.text.split()[1]}", "max_new_tokens": 6},
-                        to_visual,
-                        "d0",
-                        "toy",
-                        "test",
-                    )
-                )
-            ]
-        )
-        assert cut == [direct.text.split(f" {direct.text.split()[1]}", 1)[0]] and cut[0].startswith(first_word)
-
-    with pytest.raises(ValueError, match="exactly one video"):
-        model.generate_until([FakeInstance((QUESTION, {}, to_visual, "bad", "toy", "test"))])
-    with pytest.raises(NotImplementedError, match="generate_until only"):
-        model.loglikelihood([FakeInstance((QUESTION, " A", to_visual, "d0", "toy", "test"))])
-    with pytest.raises(TypeError, match="unknown model_args"):
-        CacovidLmms(pretrained=str(tmp_path / "llm"), policy=str(policy_dir), temperature=0.5)
+    out = pruner.answer(adapter, frames, QUESTION, 0.5, max_new_tokens=3, options=["red", "green"], keep_frames=True)
+    assert out.prompt == build_prompt(f"{QUESTION}\nOptions:\nA. red\nB. green", "multiple choice")
+    assert len(out.kept_indices) == 27  # floor(0.5 x 6 frames x 9 tokens)
+    assert out.token_scores.shape == (6, 9) and out.frame_scores.shape == (6,) and out.frames is frames
+    plain = pruner.answer(adapter, frames, QUESTION, 0.5, max_new_tokens=3)
+    assert plain.prompt == QUESTION and plain.frames is None  # no type, no options: the question as written
+    with pytest.raises(ValueError, match="multiple choice"):
+        pruner.answer(adapter, frames, QUESTION, 0.5, options=["red"], problem_type="numerical")
