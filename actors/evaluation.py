@@ -36,6 +36,8 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
         max_new_tokens=cfg.model.max_new_tokens,
         seed=cfg.seed,
         imp_ratio=cfg.eval.imp_ratio,
+        max_ratio_scale=cfg.eval.max_ratio_scale,
+        fix_official_bugs=cfg.reward.fix_official_bugs,
         progress=progress,
     )
     result["version"] = version

@@ -67,7 +67,7 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
             deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
         policy = policy.to(device)
         groups = policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay)
-        schedule = lr_lambda(learner, learner.total_steps * iterations)
+        schedule = lr_lambda(learner, learner.total_steps * iterations, iterations)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=policy,
             model_parameters=groups,

@@ -47,6 +47,7 @@ class ActorPool:
         self.removed = 0
         self._last_resize = 0.0
         self._remote = ray.remote(RewardActor)
+        self._autoscaler_error = ""  # the last request_resources failure logged (logged once, not every resize)
 
     # -- membership ----------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -114,12 +115,21 @@ class ActorPool:
         return orphaned
 
     def _request_autoscaler_capacity(self) -> None:
-        try:
-            from ray.autoscaler.sdk import request_resources
+        """Ask the autoscaler for ``max_actors`` slots of the actor resource (a standing request, so repeating
+        it each resize is harmless). On a static cluster the request is recorded and nothing launches; a request
+        that fails is a misconfiguration or an autoscaler fault that would stall the pool below its size, so it
+        is logged as a warning (once per distinct error: resize runs every few seconds) and training goes on."""
+        from ray.autoscaler.sdk import request_resources
 
+        try:
             request_resources(bundles=[{self.cfg.cluster.actor_resource: 1}] * self.cfg.cluster.max_actors)
-        except Exception as exc:  # no autoscaler (static cluster): nothing to ask
-            log.debug("request_resources unavailable: %s", exc)
+        except Exception as exc:  # the pool keeps working at its current size
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._autoscaler_error:
+                log.warning("request_resources for %d reward actors failed: %s", self.cfg.cluster.max_actors, message)
+                self._autoscaler_error = message
+        else:
+            self._autoscaler_error = ""
 
     def _poll_ready(self) -> None:
         pending = {s.info_ref: s for s in self.slots.values() if not s.ready}

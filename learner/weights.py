@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 import xxhash
 
 
@@ -21,6 +22,18 @@ def checksum(buf: np.ndarray) -> str:
     """XXH3-128 of the raw bytes: catches torn or mixed-up buffers at ~10 GB/s (not a security hash;
     measured 0.05 s vs CRC32's 0.29 s on a 500 MB policy, paid by the learner and every actor)."""
     return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(buf)).cast("B"))
+
+
+def state_checksum(module: torch.nn.Module) -> str:
+    """:func:`checksum` of the weights a module actually holds, laid out as ``flat_state`` lays them out.
+
+    Hashed tensor by tensor (no second copy of the whole policy), so an actor can prove after every sync that
+    what it will roll out with is the buffer the learner published, not merely that it received that buffer.
+    """
+    h = xxhash.xxh3_128()
+    for t in module.state_dict().values():
+        h.update(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()))
+    return h.hexdigest()
 
 
 @dataclass

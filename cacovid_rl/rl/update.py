@@ -166,6 +166,15 @@ class PolicyUpdater:
             out.append(PolicyScores(token=scores.token.detach(), frame=scores.frame.detach()))
         return out
 
+    @staticmethod
+    def _record_first_iteration(agg: dict[str, float], it: int, metrics: dict[str, float]) -> None:
+        """The trust-region metrics of iteration 0, before any step of this batch: for an on-policy batch the
+        learner's recomputed scores must equal the actor's, so the ratio is exactly 1 and the KL 0 (a broken
+        weight sync or a policy-input mismatch shows here first)."""
+        if it == 0:
+            agg["policy/first_ratio_max"] = metrics.get("policy/ratio_max", float("nan"))
+            agg["policy/first_approx_kl"] = metrics.get("policy/approx_kl", float("nan"))
+
     def update(self, trajs: Sequence[Trajectory], version: int | None = None) -> dict[str, float]:
         """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics.
 
@@ -184,6 +193,7 @@ class PolicyUpdater:
             if self.cfg.skip_no_signal_steps and not self.has_signal(trajs, it):
                 with torch.no_grad():
                     loss, metrics = self._batch_loss(trajs, it, prox)
+                self._record_first_iteration(agg, it, metrics)
                 self.scheduler.step()
                 self.optimizer_steps += 1
                 self.skipped_steps += 1
@@ -192,6 +202,7 @@ class PolicyUpdater:
                     agg[k] = agg.get(k, 0.0) + v / iterations
                 continue
             loss, metrics = self._batch_loss(trajs, it, prox)
+            self._record_first_iteration(agg, it, metrics)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at optimizer step {self.optimizer_steps} "

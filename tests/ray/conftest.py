@@ -58,7 +58,8 @@ def local_ray():
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False)
+    # address="local": always a new instance, never another process's cluster on this machine.
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -19,32 +19,47 @@ def _assert_every_sample_once(summary: dict, cfg) -> None:
     assert summary["counters"]["consumed"] == total
 
 
-def test_new_weight_version_reaches_every_actor(local_ray, tmp_path: Path, synthetic_dir: Path):
+def test_actors_hold_the_published_weights_and_roll_out_on_policy(local_ray, tmp_path: Path, synthetic_dir: Path):
+    """Three learner versions through two real actors: after each sync every actor's policy holds exactly the
+    published buffer (the checksum it computes from its own parameters, in ``info`` and in each status), and the
+    learner, recomputing the actors' first-iteration scores with the same version, finds the PPO ratio 1 and the
+    approximate KL 0. An actor that kept older weights (a load that does nothing) fails both from version 1 on.
+    ``kl_coef`` > 0 makes every update move the weights, so consecutive versions really differ."""
     import ray
 
+    from cacovid_rl.data.records import load_records
+    from learner.driver import DataCursor
+    from learner.learner_actor import Learner
     from learner.pool import ActorPool
     from learner.weights import WeightHandle
 
-    cfg = make_cfg(tmp_path, synthetic_dir)
+    cfg = make_cfg(tmp_path, synthetic_dir, "rollout.iterations=1", "learner.max_staleness=0", "loss.kl_coef=0.01")
+    learner = Learner(cfg.to_dict())  # in this process: the test reads its metrics directly
+    cursor = DataCursor(load_records(cfg.data.train_path, cfg.data.video_root).records, cfg.seed)
     pool = ActorPool(cfg)
     try:
         pool.resize(force=True)
         pool.wait_ready(2, timeout=120)
         slots = list(pool.slots.values())
-        layout = ray.get(slots[0].handle.info.remote())
-        assert layout["version"] == -1
-        from cacovid_rl.models.loading import load_adapter
-        from cacovid_rl.rl.worker import build_policy
-
-        flat, meta = build_policy(cfg, load_adapter(cfg.model)).flat_state()
-        for version in (1, 2):
-            buf = flat.copy()
-            buf[-1] ^= np.uint8(version)  # a different weight set per version
-            handle = WeightHandle.publish(buf, meta, version)
-            assert ray.get([s.handle.sync.remote(handle) for s in slots], timeout=60) == [version] * len(slots)
-            assert [ray.get(s.handle.info.remote())["version"] for s in slots] == [version] * len(slots)
-        bad = WeightHandle.publish(flat, meta, 3)
-        bad.checksum = "00000000"
+        assert [ray.get(s.handle.info.remote())["version"] for s in slots] == [-1, -1]
+        handle = learner.publish()
+        for step in range(3):
+            assert ray.get([s.handle.sync.remote(handle) for s in slots], timeout=60) == [step, step]
+            held = [ray.get(s.handle.info.remote(), timeout=60)["weights_checksum"] for s in slots]
+            assert held == [handle.checksum] * 2, f"version {step}: the actors do not hold the published weights"
+            calls = [s.handle.run.remote(cursor.item(2 * step + k, step), handle) for k, s in enumerate(slots)]
+            statuses = ray.get([status for status, _ in calls], timeout=120)
+            assert [st["status"] for st in statuses] == ["ok", "ok"], statuses
+            assert {st["weight_version"] for st in statuses} == {step}
+            assert {st["weights_checksum"] for st in statuses} == {handle.checksum}
+            res = learner.update(statuses, [payload for _, payload in calls])
+            m = res["metrics"]
+            assert m["learner/stale_trajectories"] == 0
+            assert m["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5), (step, m)
+            assert abs(m["policy/approx_kl"]) < 1e-8, (step, m)
+            assert res["version"] == step + 1 and res["handle"].checksum != handle.checksum
+            handle = res["handle"]
+        bad = WeightHandle(handle.version + 1, handle.refs, "00000000", handle.meta, handle.published_at, 0)
         with pytest.raises(ray.exceptions.RayTaskError, match="checksum"):
             ray.get(slots[0].handle.sync.remote(bad), timeout=60)
     finally:

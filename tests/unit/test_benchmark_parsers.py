@@ -77,7 +77,7 @@ def test_videomme_json_layout(tmp_path: Path) -> None:
 
 
 def test_videomme_parquet_layout_and_mkv(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     _touch(tmp_path / "data" / "fFjv93ACGo8.mkv")

@@ -238,9 +238,21 @@ def test_kl_towards_half() -> None:
     with_kl = cacovid_loss(new, old, keep, modes, rewards, LossConfig(kl_coef=0.5))
     assert plain.kl.item() > 0
     assert with_kl.total.item() == pytest.approx(plain.total.item() + 0.5 * plain.kl.item(), rel=1e-6)
-    # hand value for the first sample's kept token 0 (score 2): r = log 0.5 - logsigmoid(2)
-    r = math.log(0.5) - log_sigmoid(2.0)
-    assert math.exp(r) - r - 1 > 0
+
+    # By hand: per sample, the class-balanced mean of k3 = exp(r) - r - 1, r = log 0.5 - log p(decision taken),
+    # over the 4 tokens (scores 2, -1, 0.5, 0); then the mean over the two samples.
+    def k3(logp: float) -> float:
+        r = math.log(0.5) - logp
+        return math.exp(r) - r - 1
+
+    s = [2.0, -1.0, 0.5, 0.0]
+    expected = 0.0
+    for kept in ({0}, {1, 2}):
+        frac = len(kept) / 4
+        w = [(1 - frac) if j in kept else frac for j in range(4)]
+        lp = [log_sigmoid(s[j]) if j in kept else log_sigmoid(-s[j]) for j in range(4)]
+        expected += sum(wj * k3(lj) for wj, lj in zip(w, lp, strict=True)) / sum(w) / 2
+    assert plain.kl.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_metrics_keys_and_ragged_memory() -> None:
