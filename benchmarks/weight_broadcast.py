@@ -97,6 +97,7 @@ class LightRewardActor(RewardActor):
         self.sync_latency_s = 0.0
         self.sync_load_s = 0.0
         self.syncs = 0
+        self.weights_checksum = ""  # set by sync, as in the real actor
 
     def timed_sync(self, handle: WeightHandle) -> dict[str, float]:
         version = self.sync(handle)
