@@ -55,7 +55,7 @@ from benchmarks.common import (
     setup_process,
     write_result,
 )
-from cacovid_rl.baselines import SelectionContext, get_selector
+from cacovid_rl.baselines import SelectionContext, compress, get_selector
 from cacovid_rl.config import ModelConfig
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.models.base import VideoLLMAdapter
@@ -64,7 +64,20 @@ from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.types import EncodedQuestion
 
-BASELINES = ("uniform", "random", "fastv", "visionzip", "divprune")
+BASELINES = (
+    "uniform",
+    "random",
+    "fastv",
+    "visionzip",
+    "divprune",
+    "vidcom2",
+    "prunevid",
+    "framefusion",
+    "flashvid",
+    "fastvid",
+)
+"""Every training-free method; the merging ones (PruneVid, FrameFusion, FlashVID, FastVID) are timed through
+``baselines.compress`` (their whole compressed block), the selecting ones through ``select``."""
 QUESTION = "What colour are the dots in the pink box ?\nA. red\nB. green\nC. blue\nD. yellow"
 PAPER = {
     "source": "CaCoVID paper (arXiv 2602.01649), LLaVA-OV-7B on GPU",
@@ -167,7 +180,7 @@ def bench_width(
     with torch.inference_mode():
         scores = policy.score(enc)
         for sel in selectors.values():  # warm-up on the one-frame question
-            sel.select(SelectionContext(enc=warm, adapter=adapter), 0.25)
+            compress(sel, SelectionContext(enc=warm, adapter=adapter), 0.25)
         policy.score(warm)
 
         latency: dict[str, dict[str, Stats]] = {}
@@ -180,7 +193,10 @@ def bench_width(
                 "cacovid": run_cacovid,
                 "cacovid_policy_forward": lambda: policy.score(enc),
                 "cacovid_selection": lambda r=r: cacovid.select(SelectionContext(enc=enc, scores=scores), r),
-                **{n: (lambda s=s, r=r: s.select(ctx, r)) for n, s in selectors.items()},
+                **{
+                    n: (lambda s=s, r=r: s.select(ctx, r) if hasattr(s, "select") else s.compress(ctx, r))
+                    for n, s in selectors.items()
+                },
             }
             print(f"[{name}] selection at retention {r}: {len(fns)} variants x {repeats} repeats", flush=True)
             stats, _ = measure_interleaved(fns, repeats, warmup=0, device=device)

@@ -269,8 +269,19 @@ class ClusterConfig:
 class EvalConfig:
     retentions: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50)
     """Retention ratios (kept fraction of video tokens) evaluated for the policy and every baseline."""
-    baselines: tuple[str, ...] = ("uniform", "random", "fastv", "visionzip", "divprune")
-    """Training-free methods evaluated beside the policy (``cacovid_rl.baselines.SELECTORS``)."""
+    baselines: tuple[str, ...] = (
+        "uniform",
+        "random",
+        "fastv",
+        "visionzip",
+        "divprune",
+        "vidcom2",
+        "prunevid",
+        "framefusion",
+        "flashvid",
+        "fastvid",
+    )
+    """Training-free methods evaluated beside the policy (``cacovid_rl.baselines.METHODS``: selection and merging)."""
     every_steps: int = 0
     """Launch the evaluation task every N learner steps (0: only at the end)."""
     max_samples: int = 0

@@ -16,6 +16,10 @@ Usage (README, "Evaluating with lmms-eval")::
     python -m lmms_eval --model cacovid \\
         --model_args pretrained=/ckpt/llava-onevision-qwen2-7b-ov-hf,policy=/run/policy,retention=0.1 \\
         --tasks videomme --batch_size 1
+
+``method=<name>`` answers with any training-free baseline instead of the policy, at the same budget and through
+the same compression interface as ``cacovid-rl eval`` (``cacovid_rl.baselines.METHODS``; ``policy`` is then not
+needed), e.g. ``--model_args pretrained=/ckpt/llava-onevision-qwen2-7b-ov-hf,method=flashvid,retention=0.1``.
 """
 
 from __future__ import annotations
@@ -66,14 +70,15 @@ class VideoTokenCounts(TokenCounts):
 
 
 class CacovidLmms(lmms):
-    """lmms-eval model: the video LLM at ``pretrained``, pruned by the policy at ``policy`` to ``retention``."""
+    """lmms-eval model: the video LLM at ``pretrained``, pruned to ``retention`` by the policy at ``policy`` or by the
+    training-free ``method``."""
 
     is_simple = True
 
     def __init__(
         self,
         pretrained: str,
-        policy: str,
+        policy: str = "",
         retention: float = 0.25,
         num_frames: int = 32,
         max_fps: float = 1.0,
@@ -81,12 +86,15 @@ class CacovidLmms(lmms):
         device: str | None = None,
         batch_size: int | str = 1,
         imp_ratio: float = 0.5,
+        method: str = "cacovid",
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         """``model_args`` of ``--model cacovid``: ``pretrained`` (a local checkpoint directory or ``tiny``),
         ``policy`` (a saved policy directory), ``retention`` (kept fraction of the video tokens),
         ``num_frames`` / ``max_fps`` (frame sampling), ``max_new_tokens`` (used when the task sets none),
-        ``imp_ratio`` (the evaluation-time selection's importance share)."""
+        ``imp_ratio`` (the evaluation-time selection's importance share), ``method`` (``cacovid``, the default,
+        or a training-free baseline of ``cacovid_rl.baselines.METHODS``), ``seed`` (the ``random`` baseline's)."""
         super().__init__()
         # lmms-eval passes max_batch_size along with batch_size; None values are already dropped.
         kwargs.pop("max_batch_size", None)
@@ -94,10 +102,22 @@ class CacovidLmms(lmms):
             raise TypeError(f"unknown model_args for cacovid: {sorted(kwargs)}")
         if int(batch_size) != 1:
             raise ValueError("cacovid answers one question at a time (its G pruned copies batch internally)")
-        from cacovid_rl.inference import CacovidPruner
+        from cacovid_rl.baselines import METHODS
 
+        self.method = str(method)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: {list(METHODS)}")
         self.pretrained = str(pretrained)
-        self.pruner = CacovidPruner.from_pretrained(str(policy), device=device, imp_ratio=float(imp_ratio))
+        self._device_arg = device
+        self.seed = int(seed)
+        self.pruner = None
+        self._adapter = None
+        if self.method == "cacovid":
+            if not policy:
+                raise ValueError("method=cacovid needs policy=<saved policy directory>")
+            from cacovid_rl.inference import CacovidPruner
+
+            self.pruner = CacovidPruner.from_pretrained(str(policy), device=device, imp_ratio=float(imp_ratio))
         self.retention = float(retention)
         self.num_frames = int(num_frames)
         self.max_fps = float(max_fps)
@@ -116,9 +136,52 @@ class CacovidLmms(lmms):
             raise TypeError(f"expected a video path or a frame array, got {type(video).__name__} ({task} doc {doc_id})")
         return video
 
+    def adapter(self) -> Any:
+        """The video LLM adapter (the pruner's for ``cacovid``; loaded once otherwise)."""
+        if self.pruner is not None:
+            return self.pruner.adapter(self.pretrained)
+        if self._adapter is None:
+            import torch
+
+            from cacovid_rl.config import ModelConfig
+            from cacovid_rl.models.loading import load_adapter
+
+            device = self._device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+            self._adapter = load_adapter(ModelConfig(path=self.pretrained, device=str(device), dtype=dtype))
+        return self._adapter
+
+    def _answer_baseline(self, adapter: Any, video: str | np.ndarray, context: str, max_new_tokens: int) -> Any:
+        """Answer with the training-free ``method``: encode, compress to the budget, one greedy pass."""
+        import time
+
+        import torch
+
+        from cacovid_rl.baselines import SelectionContext, compress, get_method
+        from cacovid_rl.inference import PrunedAnswer, subsample_frames
+
+        t0 = time.perf_counter()
+        if isinstance(video, str):
+            from cacovid_rl.data.video import read_frames
+
+            frames = read_frames(video, self.num_frames, self.max_fps)
+        else:
+            frames = subsample_frames(video, self.num_frames)
+        t1 = time.perf_counter()
+        enc = adapter.encode(frames, context)
+        t2 = time.perf_counter()
+        ctx = SelectionContext(enc=enc, adapter=adapter, generator=torch.Generator().manual_seed(self.seed))
+        block = compress(get_method(self.method), ctx, self.retention)
+        t3 = time.perf_counter()
+        text = adapter.generate_compressed(enc, [block], max_new_tokens)[0]
+        t4 = time.perf_counter()
+        timings = {"decode": t1 - t0, "encode": t2 - t1, "select": t3 - t2, "generate": t4 - t3, "total": t4 - t0}
+        kept = block.source.cpu().numpy()  # one entry per output token (its representative for merged tokens)
+        return PrunedAnswer(text, kept, enc.num_video_tokens, timings, prompt=context)
+
     def generate_until(self, requests: list[Any]) -> list[GenerationResult]:
         """Greedy answers from the pruned video, cut at the first ``until`` string of each request."""
-        adapter = self.pruner.adapter(self.pretrained)
+        adapter = self.adapter()
         out: list[GenerationResult] = []
         self.last_timings = []
         for request in requests:
@@ -126,15 +189,20 @@ class CacovidLmms(lmms):
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            answer = self.pruner.answer(
-                adapter,
-                self._video(doc_to_visual, doc_id, task, split),
-                context,
-                self.retention,
-                num_frames=self.num_frames,
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                max_fps=self.max_fps,
-            )
+            video = self._video(doc_to_visual, doc_id, task, split)
+            max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+            if self.pruner is None:
+                answer = self._answer_baseline(adapter, video, context, max_new)
+            else:
+                answer = self.pruner.answer(
+                    adapter,
+                    video,
+                    context,
+                    self.retention,
+                    num_frames=self.num_frames,
+                    max_new_tokens=max_new,
+                    max_fps=self.max_fps,
+                )
             text = answer.text
             for stop in until:
                 if stop:

@@ -122,3 +122,35 @@ class QuestionMemory:
     def mean_reward(self) -> float:
         r = self.all_rewards()
         return float(r.mean()) if r.numel() else 0.0
+
+
+@dataclass
+class CompressedVideo:
+    """The video block of one question after compression: what the LLM reads in place of the ``T * N`` tokens.
+
+    ``embeds`` ``[K, D]`` are the kept or merged token embeddings (merged tokens are averages of their members),
+    ``positions`` ``[K]`` (1-D RoPE) or ``[3, K]`` (M-RoPE) their position ids: each output token takes the
+    original position of its ``source`` token (``[K]``, flat indices into ``[0, T*N)``, strictly increasing, so
+    the block keeps the video's order). ``assignment`` ``[T*N]`` says which output slot every original token went
+    to (-1: dropped), so a caller can tell which tokens a merged token covers. ``kept`` is the sorted kept indices
+    (``[K]``) for selection methods, whose block is exactly ``embeds = video[kept]``, and ``None`` for methods that
+    merge. All rows answered together for one question have the same ``K`` (they batch without padding).
+    """
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    source: torch.Tensor
+    assignment: torch.Tensor
+    kept: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def is_selection(self) -> bool:
+        return self.kept is not None
+
+    def covered(self) -> torch.Tensor:
+        """Sorted flat indices of every original token that survives, kept itself or merged into an output token."""
+        return (self.assignment >= 0).nonzero().flatten()

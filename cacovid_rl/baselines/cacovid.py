@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from cacovid_rl.baselines.base import SelectionContext
+from cacovid_rl.baselines.registry import register
 from cacovid_rl.policy.selection import select_tokens
 
 
+@register("cacovid")
 class CacovidSelector:
     """Frame-weighted importance quotas on the policy's token scores plus even coverage (method.md).
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cacovid_rl.baselines.base import SelectionContext, budget, video_features
+from cacovid_rl.baselines.registry import register
 
 # Above this many pairwise entries the distance rows are computed on the fly instead of stored (~256 MB).
 _MAX_MATRIX = 1 << 26
@@ -54,6 +55,7 @@ def divprune_order(features: torch.Tensor, count: int) -> torch.LongTensor:
     return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
 
+@register("divprune")
 class DivPruneSelector:
     """Keeps the ``B`` most mutually diverse video tokens (greedy max-min cosine distance)."""
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from cacovid_rl.baselines.base import SelectionContext, budget
+from cacovid_rl.baselines.registry import register
 
 
+@register("fastv")
 class FastVSelector:
     """Keeps the ``B`` video tokens with the highest last-token attention at LLM layer ``layer`` (default 2)."""
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from cacovid_rl.baselines.base import SelectionContext, budget
+from cacovid_rl.baselines.registry import register
 
 
+@register("oracle")
 class OracleSelector:
     """Keeps ``ctx.oracle_tokens`` (truncated to the budget), padded with random other tokens."""
 

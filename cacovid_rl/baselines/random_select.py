@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from cacovid_rl.baselines.base import SelectionContext, budget
+from cacovid_rl.baselines.registry import register
 
 
+@register("random")
 class RandomSelector:
     """Uniformly random ``B`` tokens from ``ctx.generator``; without one, a fixed ``seed`` keeps runs reproducible."""
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from cacovid_rl.baselines.base import SelectionContext, budget
+from cacovid_rl.baselines.registry import register
 from cacovid_rl.policy.selection import evenly_spaced
 
 
+@register("uniform")
 class UniformSelector:
     """Keeps ``round(linspace(0, T*N - 1, B))``: every frame and region equally, ignoring content."""
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cacovid_rl.baselines.base import SelectionContext, budget, video_features
+from cacovid_rl.baselines.registry import register
 from cacovid_rl.policy.selection import evenly_spaced
 
 DOMINANT, CONTEXTUAL = 54, 10
@@ -84,6 +85,7 @@ def _cluster_representatives(feats: torch.Tensor, remaining: torch.Tensor, targe
     return big.scatter_reduce(0, assign[is_best], members[is_best], "amin")
 
 
+@register("visionzip")
 class VisionZipSelector:
     """Per frame: dominant tokens by feature-norm saliency plus contextual cluster representatives (54:10)."""
 

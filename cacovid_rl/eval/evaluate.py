@@ -1,7 +1,9 @@
 """Accuracy at given retention ratios for the policy and the training-free baselines.
 
-Each video is decoded and encoded once; every (method, retention) pair then only costs one pruned
-LLM answer. Bad records (corrupt video, missing file) are skipped and counted, never fatal.
+Each video is decoded and encoded once; every (method, retention) pair then only costs one compressed
+LLM answer. Every method (selection or merging, ``cacovid_rl.baselines.METHODS``) goes through the same
+compression interface (``baselines.compress``), and all blocks of one size are answered in one batched call.
+Bad records (corrupt video, missing file) are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cacovid_rl.baselines.base import ORACLE, SelectionContext, get_selector
+from cacovid_rl.baselines import METHODS, ORACLE, CompressedVideo, SelectionContext, compress, get_method
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
 from cacovid_rl.data.video import VideoDecodeError, read_frames
@@ -55,6 +57,45 @@ class _MemoAttention:
         return getattr(self._adapter, name)
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the unknown entries of ``methods`` (``eval.baselines`` / ``--baselines``)."""
+    unknown = [m for m in methods if m not in (*METHODS, ORACLE)]
+    if unknown:
+        raise ValueError(f"unknown compression method(s) {unknown}; available: {[*METHODS, ORACLE]}")
+
+
+def _build(m: str, imp_ratio: float, max_ratio_scale: float):
+    if m == "cacovid":
+        return get_method(m, imp_ratio=imp_ratio, max_ratio_scale=max_ratio_scale)
+    return get_method(m)
+
+
+def _memo(ctx: SelectionContext) -> SelectionContext:
+    if ctx.adapter is not None and not isinstance(ctx.adapter, _MemoAttention):
+        ctx = dataclasses.replace(ctx, adapter=_MemoAttention(ctx.adapter))
+    return ctx
+
+
+def compress_all(
+    ctx: SelectionContext,
+    methods: Sequence[str],
+    retentions: tuple[float, ...] | list[float],
+    imp_ratio: float = 0.5,
+    max_ratio_scale: float = 1.5,
+) -> dict[tuple[str, float], CompressedVideo]:
+    """The compressed block of every (method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None."""
+    check_methods(methods)
+    ctx = _memo(ctx)
+    out: dict[tuple[str, float], CompressedVideo] = {}
+    for m in methods:
+        if m == ORACLE and ctx.oracle_tokens is None:
+            continue
+        method = _build(m, imp_ratio, max_ratio_scale)
+        for r in retentions:
+            out[(m, float(r))] = compress(method, ctx, r)
+    return out
+
+
 def select_all(
     ctx: SelectionContext,
     methods: list[str],
@@ -62,20 +103,43 @@ def select_all(
     imp_ratio: float = 0.5,
     max_ratio_scale: float = 1.5,
 ) -> dict[tuple[str, float], torch.Tensor]:
-    """Kept tokens of every (method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None."""
+    """Kept tokens of every (selection method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None.
+
+    Merging methods have no kept indices: use ``compress_all`` for them (``ValueError`` here).
+    """
+    check_methods(methods)
+    ctx = _memo(ctx)
     out: dict[tuple[str, float], torch.Tensor] = {}
-    if ctx.adapter is not None and not isinstance(ctx.adapter, _MemoAttention):
-        ctx = dataclasses.replace(ctx, adapter=_MemoAttention(ctx.adapter))
     for m in methods:
         if m == ORACLE and ctx.oracle_tokens is None:
             continue
-        if m == "cacovid":
-            selector = get_selector(m, imp_ratio=imp_ratio, max_ratio_scale=max_ratio_scale)
-        else:
-            selector = get_selector(m)
+        selector = _build(m, imp_ratio, max_ratio_scale)
+        if not hasattr(selector, "select"):
+            raise ValueError(f"{m} merges tokens and has no kept indices; use compress_all")
         for r in retentions:
             out[(m, float(r))] = selector.select(ctx, r)
     return out
+
+
+def answer_compressed(adapter, enc, blocks: Mapping[str, CompressedVideo], max_new_tokens: int) -> dict[str, str]:
+    """Greedy answers of several compressed blocks of one question, one batched LLM call per block size ``K``.
+
+    A group of selections only goes through ``adapter.generate`` with its kept indices (bit-identical to the
+    block path); a group with any merged block goes through ``adapter.generate_compressed``.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, blk in blocks.items():
+        groups.setdefault(blk.num_tokens, []).append(name)
+    answers: dict[str, str] = {}
+    device = enc.inputs_embeds.device
+    for names in groups.values():
+        if all(blocks[n].kept is not None for n in names):
+            rows = torch.stack([blocks[n].kept.to(device) for n in names])
+            texts = adapter.generate(enc, rows, max_new_tokens)
+        else:
+            texts = adapter.generate_compressed(enc, [blocks[n] for n in names], max_new_tokens)
+        answers.update(zip(names, texts, strict=True))
+    return answers
 
 
 def evaluate(
@@ -102,6 +166,7 @@ def evaluate(
     (``result["counts"]["oracle"]`` of them) and every other method on all records.
     """
     methods = list(methods)
+    check_methods(methods)
     if policy is not None and "cacovid" not in methods:
         methods = ["cacovid", *methods]
     if oracle is not None and ORACLE not in methods:
@@ -132,8 +197,8 @@ def evaluate(
             full += compute_reward(
                 adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type, fix_official_bugs
             )
-            keeps = select_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
-            answers = answer_selections(adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens)
+            keeps = compress_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
+            answers = answer_compressed(adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens)
             for (m, r), _ in keeps.items():
                 sums[m][str(r)] += compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix_official_bugs)
             for m in {m for m, _ in keeps}:

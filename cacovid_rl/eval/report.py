@@ -3,7 +3,9 @@
 ``--run`` is a run directory (``policy/``, ``metrics.jsonl`` and its resolved config, written by
 ``cacovid-rl train``) or a parent of several seeds' run directories. For every seed the trained policy is
 evaluated on the held-out split at several retentions against full tokens, the training-free baselines
-(uniform, random, FastV, VisionZip, DivPrune) and, where the records say which tokens hold the answer
+(``--baselines``, default all of ``cacovid_rl.baselines.METHODS``: selecting
+(uniform, random, FastV, VisionZip, DivPrune, VidCom2) or merging (PruneVid, FrameFusion, FlashVID, FastVID))
+and, where the records say which tokens hold the answer
 (the synthetic data's ``meta.oracle_tokens``), an oracle reference. The report holds:
 
 - ``report.json``: every number (per seed, per method, per retention, per question kind), the target check;
@@ -16,8 +18,9 @@ evaluated on the held-out split at several retentions against full tokens, the t
 The evaluation data defaults to the run config's ``data.eval_path``; it may be a Video-R1 / CaCoVID JSON
 (the synthetic split) or a real benchmark file in its lmms-eval layout (Video-MME, MLVU, LongVideoBench;
 see ``cacovid_rl.eval.benchmarks``). Each video is decoded and encoded once per report; deterministic
-baselines are answered once and shared by all seeds; all selections of one retention (equal token
-counts) are answered in one batched LLM call.
+baselines are answered once and shared by all seeds; all compressed blocks of one retention (equal token
+counts, kept or merged) are answered in one batched LLM call. For a merging method, "kept an answer token"
+counts the tokens merged into its output too (``CompressedVideo.covered``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,19 @@ from cacovid_rl.data.records import QARecord
 log = logging.getLogger("cacovid_rl.report")
 
 RETENTIONS = (0.05, 0.10, 0.25, 0.50)
-BASELINES = ("uniform", "random", "fastv", "visionzip", "divprune")
+BASELINES = (
+    "uniform",
+    "random",
+    "fastv",
+    "visionzip",
+    "divprune",
+    "vidcom2",
+    "prunevid",
+    "framefusion",
+    "flashvid",
+    "fastvid",
+)
+"""Every training-free method of ``cacovid_rl.baselines.METHODS`` (the report compares the policy with all)."""
 SEEDED = ("cacovid", "random", "oracle")
 KEPT = "kept:"  # row-key prefix: did the selection keep an answer (oracle) token
 """Methods whose selections differ between seeds (the policy, or a seeded random draw)."""
@@ -62,6 +77,11 @@ COLOURS = {
     "fastv": "tab:green",
     "visionzip": "tab:purple",
     "divprune": "tab:brown",
+    "vidcom2": "tab:pink",
+    "prunevid": "tab:olive",
+    "framefusion": "tab:cyan",
+    "flashvid": "gold",
+    "fastvid": "darkblue",
 }
 
 
@@ -211,16 +231,17 @@ def evaluate_runs(
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[Question]]:
     """Per-question rewards of every (seed, method, retention), plus heatmap material for the first seed."""
-    from cacovid_rl.baselines.base import ORACLE, SelectionContext
+    from cacovid_rl.baselines import ORACLE, SelectionContext
     from cacovid_rl.data.prompts import build_prompt
     from cacovid_rl.data.video import VideoDecodeError, read_frames
-    from cacovid_rl.eval.evaluate import answer_selections, select_all
+    from cacovid_rl.eval.evaluate import answer_compressed, check_methods, compress_all
     from cacovid_rl.models.loading import load_adapter
     from cacovid_rl.policy.network import CacovidPolicy
     from cacovid_rl.policy.selection import select_tokens
     from cacovid_rl.rl.rewards import compute_reward
 
     cfg = runs[0].cfg
+    check_methods(list(baselines))
     if not (device or cfg.model.device).startswith("cuda"):
         torch.set_num_threads(max(1, cfg.cluster.torch_threads))  # 6x faster than 2 threads on a shared CPU
     model_cfg = dataclasses.replace(cfg.model, device=device) if device else cfg.model
@@ -258,8 +279,8 @@ def evaluate_runs(
             fix = cfg.reward.fix_official_bugs
             row["full"] = compute_reward(full, rec.answer, rec.problem_type, fix)
             ctx = SelectionContext(enc=enc, adapter=adapter, oracle_tokens=oracle)
-            shared = select_all(ctx, shared_methods, retentions)
-            answers = answer_selections(
+            shared = compress_all(ctx, shared_methods, retentions)
+            answers = answer_compressed(
                 adapter, enc, {f"{m}@{r}": k for (m, r), k in shared.items()}, cfg.model.max_new_tokens
             )
             for (m, r), k in shared.items():
@@ -276,8 +297,8 @@ def evaluate_runs(
                     oracle_tokens=oracle,
                 )
                 ev = run.cfg.eval
-                keeps = select_all(ctx, seeded_methods, retentions, ev.imp_ratio, ev.max_ratio_scale)
-                answers = answer_selections(
+                keeps = compress_all(ctx, seeded_methods, retentions, ev.imp_ratio, ev.max_ratio_scale)
+                answers = answer_compressed(
                     adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, cfg.model.max_new_tokens
                 )
                 for (m, r), k in keeps.items():
@@ -321,9 +342,12 @@ def evaluate_runs(
     return {"rows": rows, "meta": meta}, heat
 
 
-def _keeps_answer(kept: torch.Tensor, oracle: list[int]) -> float:
-    """1.0 when a selection keeps at least one of the answer's (oracle) tokens."""
-    return float(bool(set(kept.reshape(-1).tolist()) & set(oracle)))
+def _keeps_answer(kept: Any, oracle: list[int]) -> float:
+    """1.0 when a compressed block keeps (or merges into an output token) at least one of the answer's tokens.
+
+    ``kept`` is a ``CompressedVideo`` or, for a selection, its kept indices."""
+    idx = kept.covered() if hasattr(kept, "covered") else kept
+    return float(bool(set(idx.reshape(-1).tolist()) & set(oracle)))
 
 
 def _heatmap_plan(records: Sequence[QARecord], data: EvalSet, n: int) -> dict[str, int]:
@@ -698,8 +722,8 @@ def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
         f"{report['eval']['n']} questions, {report['eval']['skipped_videos']} unreadable videos skipped",
         f"- model: `{report['model']}`, {report['num_frames']} frames; policy selection imp_ratio "
         f"{report['imp_ratio']}",
-        "- accuracy in %, mean ± sample std over seeds; deterministic baselines (uniform, FastV, VisionZip, "
-        "DivPrune) do not depend on the seed (std 0); random and the oracle padding draw per seed",
+        "- accuracy in %, mean ± sample std over seeds; deterministic baselines (all but random) do not depend "
+        "on the seed (std 0); random and the oracle padding draw per seed",
         "",
         "## Accuracy vs retention",
         "",
@@ -902,7 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", dest="max_samples", type=int, default=0, help="evaluate at most N questions")
     p.add_argument("--device", default="", help="override model.device (e.g. cuda)")
     p.add_argument("--config", default="", help="YAML config for runs without a resolved config")
-    p.add_argument("--baselines", nargs="+", default=None, help=f"baselines (default: {' '.join(BASELINES)})")
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=None,
+        help=f"compression methods of cacovid_rl.baselines.METHODS (default: {' '.join(BASELINES)})",
+    )
     p.add_argument("--heatmaps", type=int, default=HEATMAP_QUESTIONS, help="number of heatmap questions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

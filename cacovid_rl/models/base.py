@@ -7,7 +7,10 @@ An adapter wraps an unmodified transformers video LLM and exposes what CaCoVID n
 - ``generate``: greedy answers of ``G`` token combinations of one question, batched. Pruned tokens are
   removed from the sequence; kept tokens keep their original position ids (gathered, never
   recomputed), so every combination of one question has the same length and no padding is needed.
-- ``generate_text_only`` (blind test), ``early_layer_attention`` (FastV), ``policy_blueprint``.
+- ``generate_compressed``: the same, from compressed video blocks (``types.CompressedVideo``: kept or merged
+  tokens with their gathered position ids, 1-D or M-RoPE) in place of the ``T*N`` video tokens; the text around
+  the video is unchanged. Every training-free baseline answers through it (``baselines.compress``).
+- ``generate_text_only`` (blind test), ``early_layer_attention`` (FastV, PruneVid, FrameFusion), ``policy_blueprint``.
 
 Only the encoding differs per family (``llava_onevision.py``, ``qwen2_5_vl.py``); decoding runs the
 model's own language model and ``lm_head`` by hand with a ``DynamicCache``.
@@ -29,7 +32,7 @@ from transformers.masking_utils import create_causal_mask
 
 from cacovid_rl.data.prompts import chat_messages
 from cacovid_rl.rl.rewards import mc_prefix_decided
-from cacovid_rl.types import EncodedQuestion
+from cacovid_rl.types import CompressedVideo, EncodedQuestion
 
 GIB = 1024**3
 # Characters the multiple-choice reward strips before reading the option letter (rl/rewards.py).
@@ -264,6 +267,73 @@ class VideoLLMAdapter(ABC):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         embeds, positions = self.gather(enc, keep)
+        return self._generate_rows(embeds, positions, max_new_tokens, first_token_fast_path, combos_per_forward)
+
+    def gather_compressed(
+        self, enc: EncodedQuestion, blocks: Sequence[CompressedVideo]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``[G, L', D]`` and positions ``[G, L']`` / ``[3, G, L']`` with each block as the video.
+
+        The text before and after the video block (and LLaVA's trailing ``image_newline``) keep their embeddings
+        and positions; every block must hold the same number ``K`` of tokens (one batch, no padding), with
+        positions of the sequence's layout (``[K]`` for 1-D, ``[3, K]`` for M-RoPE).
+        """
+        if not blocks:
+            raise KeepIndexError("generate_compressed needs at least one block")
+        k = blocks[0].num_tokens
+        device = enc.inputs_embeds.device
+        pos = enc.position_ids.to(device)
+        for blk in blocks:
+            if blk.num_tokens != k or blk.num_tokens < 1:
+                raise KeepIndexError(f"compressed blocks must share K >= 1 tokens, got {blk.num_tokens} and {k}")
+            if blk.embeds.shape[-1] != enc.inputs_embeds.shape[-1]:
+                raise KeepIndexError(f"block width {blk.embeds.shape[-1]} != hidden size {enc.inputs_embeds.shape[-1]}")
+            if blk.positions.dim() != pos.dim() or blk.positions.shape[-1] != k:
+                raise KeepIndexError(
+                    f"block positions {tuple(blk.positions.shape)} do not fit sequence positions {tuple(pos.shape)}"
+                )
+        s, n = enc.video_start, enc.num_video_tokens
+        g = len(blocks)
+        before, after = enc.inputs_embeds[:s], enc.inputs_embeds[s + n :]
+        video = torch.stack([b.embeds.to(device=device, dtype=enc.inputs_embeds.dtype) for b in blocks])
+        embeds = torch.cat([before.expand(g, -1, -1), video, after.expand(g, -1, -1)], dim=1)
+        vpos = torch.stack([b.positions.to(device) for b in blocks], dim=-2)  # [G, K] or [3, G, K]
+        if pos.dim() == 1:
+            positions = torch.cat([pos[:s].expand(g, -1), vpos, pos[s + n :].expand(g, -1)], dim=-1)
+        else:
+            lead = pos[:, None, :s].expand(-1, g, -1)
+            tail = pos[:, None, s + n :].expand(-1, g, -1)
+            positions = torch.cat([lead, vpos, tail], dim=-1)
+        return embeds, positions
+
+    @torch.no_grad()
+    def generate_compressed(
+        self,
+        enc: EncodedQuestion,
+        blocks: Sequence[CompressedVideo],
+        max_new_tokens: int = 16,
+        *,
+        first_token_fast_path: bool = False,
+        combos_per_forward: int | None = None,
+    ) -> list[str]:
+        """Greedy answers with each compressed block as the question's video, batched like ``generate``.
+
+        A selection's block (``from_keep(enc, keep)``) gives exactly ``generate(enc, keep[None])``'s input.
+        """
+        embeds, positions = self.gather_compressed(enc, blocks)
+        return self._generate_rows(embeds, positions, max_new_tokens, first_token_fast_path, combos_per_forward)
+
+    def _generate_rows(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        max_new_tokens: int,
+        first_token_fast_path: bool,
+        combos_per_forward: int | None,
+    ) -> list[str]:
+        """Greedy answers of prepared input rows ``[G, L', D]`` in chunks (see ``generate``)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         g, length = embeds.shape[0], embeds.shape[1]
         chunk = self.combos_per_forward if combos_per_forward is None else combos_per_forward
         if chunk <= 0:

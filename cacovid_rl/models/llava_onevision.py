@@ -4,7 +4,9 @@
 ``h x w`` patch grid: 14 x 14 = 196 for the 7B at 384 px). ``get_video_features`` appends one
 ``image_newline`` after the whole video; it stays in the sequence right after the video block and is
 never scored or pruned. Positions are plain ``0..L-1``. Frames become pixels through the checkpoint's
-own ``LlavaOnevisionVideoProcessor`` (``preprocessing.py``).
+own ``LlavaOnevisionVideoProcessor`` (``preprocessing.py``). Compressed blocks (``generate_compressed``) replace
+the ``T*N`` video tokens only: a merged token sits at its representative token's 1-D position, and the
+``image_newline`` still follows the block.
 """
 
 from __future__ import annotations

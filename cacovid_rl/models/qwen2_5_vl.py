@@ -6,7 +6,9 @@ patch grid). Positions are 3-D M-RoPE ids ``[3, L]`` from the model's own ``get_
 ``mm_token_type_ids``: without them transformers silently falls back to 1-D positions). Pruning
 gathers their columns; they are never recomputed. ``model.model.rope_deltas`` is reset around every
 call so no state leaks from one question to the next. Frames become pixels through the checkpoint's own
-``Qwen2VLVideoProcessor`` (``preprocessing.py``).
+``Qwen2VLVideoProcessor`` (``preprocessing.py``). Compressed blocks (``generate_compressed``) carry ``[3, K]``
+M-RoPE ids: a merged token takes its representative token's (t, h, w) ids, so its temporal and spatial place in
+the video is one of its members'.
 """
 
 from __future__ import annotations

@@ -104,3 +104,29 @@ def test_bad_model_args(wrapper, llm_dir, policy_dir):
         wrapper.CacovidLmms(pretrained=str(llm_dir), policy=str(policy_dir), temperature=0.5)
     with pytest.raises(ValueError, match="one question at a time"):
         wrapper.CacovidLmms(pretrained=str(llm_dir), policy=str(policy_dir), batch_size=4)
+
+
+def test_method_answers_with_a_training_free_baseline(wrapper, llm_dir, frames):
+    """``method=flashvid``: no policy needed; the answer is the compressed block's, at the same budget."""
+    from cacovid_rl.baselines import SelectionContext, compress, get_method
+
+    model = wrapper.CacovidLmms.create_from_arg_string(
+        f"pretrained={llm_dir},method=flashvid,retention=0.25,max_new_tokens=6",
+        {"batch_size": 1, "max_batch_size": None, "device": "cpu"},
+    )
+    assert model.pruner is None and model.method == "flashvid"
+    model.task_dict = {"toy": {"test": {"d0": {"video": frames}}}}
+    (answer,) = model.generate_until([request({"max_new_tokens": 6}, "d0", to_visual)])
+    adapter = model.adapter()
+    enc = adapter.encode(frames, QUESTION)
+    block = compress(get_method("flashvid"), SelectionContext(enc=enc, adapter=adapter), 0.25)
+    assert answer.text == adapter.generate_compressed(enc, [block], 6)[0]
+    assert answer.token_counts.to_dict() == {"video_tokens_kept": math.floor(0.25 * 6 * 9), "video_tokens_total": 54}
+    assert set(model.last_timings[0]) >= {"encode", "select", "generate", "total"}
+
+
+def test_method_model_args_are_checked(wrapper, llm_dir):
+    with pytest.raises(ValueError, match="unknown method 'tome'"):
+        wrapper.CacovidLmms(pretrained=str(llm_dir), method="tome")
+    with pytest.raises(ValueError, match="needs policy"):
+        wrapper.CacovidLmms(pretrained=str(llm_dir))
