@@ -55,7 +55,7 @@ from benchmarks.common import (
     setup_process,
     write_result,
 )
-from cacovid_rl.baselines import SelectionContext, compress, get_selector
+from cacovid_rl.baselines import METHODS, SelectionContext, compress, get_selector
 from cacovid_rl.config import ModelConfig
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.models.base import VideoLLMAdapter
@@ -64,18 +64,7 @@ from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.types import EncodedQuestion
 
-BASELINES = (
-    "uniform",
-    "random",
-    "fastv",
-    "visionzip",
-    "divprune",
-    "vidcom2",
-    "prunevid",
-    "framefusion",
-    "flashvid",
-    "fastvid",
-)
+BASELINES = tuple(m for m in METHODS if m != "cacovid")
 """Every training-free method; the merging ones (PruneVid, FrameFusion, FlashVID, FastVID) are timed through
 ``baselines.compress`` (their whole compressed block), the selecting ones through ``select``."""
 QUESTION = "What colour are the dots in the pink box ?\nA. red\nB. green\nC. blue\nD. yellow"

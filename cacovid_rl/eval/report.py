@@ -41,24 +41,14 @@ import numpy as np
 import torch
 import yaml
 
+from cacovid_rl.baselines import METHODS
 from cacovid_rl.config import Config, ConfigError, from_dict, load_config
 from cacovid_rl.data.records import QARecord
 
 log = logging.getLogger("cacovid_rl.report")
 
 RETENTIONS = (0.05, 0.10, 0.25, 0.50)
-BASELINES = (
-    "uniform",
-    "random",
-    "fastv",
-    "visionzip",
-    "divprune",
-    "vidcom2",
-    "prunevid",
-    "framefusion",
-    "flashvid",
-    "fastvid",
-)
+BASELINES = tuple(m for m in METHODS if m != "cacovid")
 """Every training-free method of ``cacovid_rl.baselines.METHODS`` (the report compares the policy with all)."""
 SEEDED = ("cacovid", "random", "oracle")
 KEPT = "kept:"  # row-key prefix: did the selection keep an answer (oracle) token
