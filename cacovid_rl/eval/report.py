@@ -511,7 +511,7 @@ def plot_accuracy(acc: dict[str, Any], retentions: Sequence[float], path: Path, 
     from matplotlib.ticker import NullLocator
 
     table = acc["all"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     xs = [r * 100 for r in retentions]
     for m, per in table.items():
         if m in ("n", "full"):
@@ -530,7 +530,8 @@ def plot_accuracy(acc: dict[str, Any], retentions: Sequence[float], path: Path, 
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    # Outside the axes: with a dozen methods any inside placement covers some of their points.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -881,7 +882,10 @@ def main(args: argparse.Namespace) -> int:
         "command": command,
     }
     images: dict[str, Any] = {"accuracy": "accuracy_vs_retention.png"}
-    title = f"accuracy vs retention ({len(runs)} seed(s), n={result['meta']['n']}, {Path(data_path).name})"
+    title = (
+        f"accuracy vs retention, model {cfg.model.path} ({len(runs)} seed(s), n={result['meta']['n']}, "
+        f"{Path(data_path).name})"
+    )
     plot_accuracy(acc, retentions, out / images["accuracy"], title)
     if plot_training(runs, out / "training_curves.png") is not None:
         images["training"] = "training_curves.png"
