@@ -212,3 +212,38 @@ def save_adapter(adapter: LlavaOnevisionAdapter | Qwen2_5VLAdapter, directory: s
     adapter.tokenizer.save_pretrained(path)
     adapter.video_processor.save_pretrained(path)
     return path
+
+
+def video_sensitive(
+    adapter: LlavaOnevisionAdapter | Qwen2_5VLAdapter, *, text_scale: float = 0.05, option_gain: float = 3.0
+) -> LlavaOnevisionAdapter | Qwen2_5VLAdapter:
+    """Make a random tiny model answer with an option letter that depends on which video tokens it is given.
+
+    A random model's first answer token hardly depends on the video: the text embeddings dominate the last
+    position's hidden state, so every keep set gets the same answer, every reward of a question is equal, group
+    advantages are all 0 and the learner skips every optimiser step (nothing reaches the broadcast weights). Shrinking
+    the text embeddings by ``text_scale`` leaves the last position attending over mostly video content, and raising
+    the LM-head rows of ``A``-``D`` by ``option_gain`` makes one of the letters win; which one then varies with the
+    kept tokens. Modifies ``adapter.model`` in place and returns the adapter.
+    """
+    tok = adapter.tokenizer
+    letters = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
+    if tok.unk_token_id in letters:
+        raise ValueError("the tokenizer has no option letters A-D")
+    with torch.no_grad():
+        adapter.model.get_input_embeddings().weight.mul_(text_scale)
+        adapter.model.get_output_embeddings().weight[letters] *= option_gain
+    return adapter
+
+
+def save_tiny_qwen2_5_vl(directory: str | Path, *, seed: int = 0, frame_size: int = 64, **model_kwargs: Any) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint for whole-loop tests (``model.path`` names the directory).
+
+    The synthetic task's vocabulary (so questions tokenize into words, not unknown tokens), 64 px frames like the
+    synthetic videos (one 16 px cell per merged 2 x 2 group of 8 px patches), and :func:`video_sensitive` answers, so
+    a rollout's rewards differ between keep sets and the learner really steps."""
+    from cacovid_rl.models.tiny_vlm import tiny_vocabulary
+
+    model_kwargs.setdefault("init_std", 0.2)
+    adapter = tiny_qwen2_5_vl(seed=seed, frame_size=frame_size, words=tiny_vocabulary(), **model_kwargs)
+    return save_adapter(video_sensitive(adapter), directory)
