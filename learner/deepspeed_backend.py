@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO (stages 0-2) for the learner, behind ``learner.backend: deepspeed``.
 
-The learner is one process that owns the whole policy (about 259M parameters at 7B width), so
-ZeRO's value here is its fused, partition-aware optimizer and mixed-precision master weights, not
-sharding across learners; stage 3 (parameter partitioning) needs several learner ranks and is
-rejected with a clear error.
+A single learner owns the whole policy (about 259M parameters at 7B width), so there ZeRO's value is its
+fused, partition-aware optimizer and mixed-precision master weights. In a learner group
+(``learner.num_learners`` > 1, ``learner/learner_group.py``) the process group is already initialised with every
+rank when this updater is built, so ZeRO 1/2 partition the optimizer state across the ranks and DeepSpeed reduces
+the gradients; the group then checkpoints every rank's partition. Stage 3 (parameter partitioning) is rejected:
+rank 0 publishes the whole policy.
 
 Checkpoints stay pickle-free: the policy goes to safetensors as with the torch backend, and the
 ZeRO optimizer is saved as its two real pieces of state, the base AdamW state and the fp32 master
@@ -53,8 +55,8 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
     ) -> None:
         if learner.zero_stage > 2:
             raise ValueError(
-                f"learner.zero_stage={learner.zero_stage}: the single learner process holds the whole policy; "
-                "use ZeRO stage 0, 1 or 2 (stage 3 shards parameters across several learner ranks)"
+                f"learner.zero_stage={learner.zero_stage}: every learner rank holds (and rank 0 publishes) the whole "
+                "policy; use ZeRO stage 0, 1 or 2 (stage 3 would shard the parameters themselves)"
             )
         _single_process_env()
         import deepspeed
@@ -85,7 +87,9 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
         self.optimizer_steps = 0
 
     def _step(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
+        # In a learner group (``sync`` set) DeepSpeed averages the ranks' gradients where the torch updater sums
+        # them; each rank's loss is its share of the batch mean, so scaling by the world size restores the sum.
+        self.engine.backward(loss * (self.sync.world_size if self.sync is not None else 1))
         self.engine.step()  # clips to gradient_clipping, steps the optimizer and the LR schedule
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

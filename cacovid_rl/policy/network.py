@@ -374,12 +374,10 @@ class CacovidPolicy(nn.Module):
         policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         return policy.to(device) if device is not None else policy
 
-    def flat_state(self) -> tuple[np.ndarray, dict[str, Any]]:
-        """All parameters (and persistent buffers) as ONE contiguous ``uint8`` numpy buffer + layout.
-
-        The layout lists ``name``, ``shape``, ``dtype`` and byte ``offset``/``nbytes`` per tensor, so any
-        dtype (bf16 included, which numpy lacks) round-trips byte-exactly.
-        """
+    def _flat_layout(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The state dict and the ``flat_state`` layout of it (``name``, ``shape``, ``dtype``, byte ``offset`` and
+        ``nbytes`` per tensor, packed in state-dict order with no padding: the format saved checkpoints and
+        in-flight weight versions use, so it must not change)."""
         state = self.state_dict()
         entries, offset = [], 0
         for name, t in state.items():
@@ -394,34 +392,115 @@ class CacovidPolicy(nn.Module):
                 }
             )
             offset += n
+        return state, {"format": FORMAT, "nbytes": offset, "entries": entries}
+
+    @torch.no_grad()
+    def bind_flat_buffer(self) -> bool:
+        """Make every parameter and persistent buffer a view into ONE contiguous byte buffer laid out as
+        ``flat_state``; returns whether the policy is bound.
+
+        Why: publishing a weight version was a flatten (0.37 s of 0.57 s at the 7B width on CPU) and then a put.
+        Bound, the buffer already IS the flat state, so a version is one put of memory that exists, a load is one
+        copy and a checksum one pass. The binding survives optimizer steps and ``load_state_dict`` (both write in
+        place) but not ``.to()`` nor anything that reassigns ``.data`` (DeepSpeed ZeRO does): callers go through
+        :meth:`flat_buffer`, which checks it, and fall back to copying. Not bound (False) when the tensors live on
+        several devices or an offset of the fixed layout is not a multiple of its dtype's size.
+        """
+        if self.flat_buffer() is not None:
+            return True
+        state, meta = self._flat_layout()
+        if not state:
+            return False
+        devices = {t.device for t in state.values()}
+        if len(devices) != 1:
+            return False
+        if any(e["offset"] % t.element_size() for e, t in zip(meta["entries"], state.values(), strict=True)):
+            return False
+        flat = torch.empty(meta["nbytes"], dtype=torch.uint8, device=devices.pop())
+        views: dict[str, torch.Tensor] = {}
+        for e, t in zip(meta["entries"], state.values(), strict=True):
+            view = flat[e["offset"] : e["offset"] + e["nbytes"]].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            views[e["name"]] = view
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if name in views:
+                param.data = views[name]
+        for name, buf in self.named_buffers(remove_duplicate=False):
+            if name in views and buf is not None:
+                owner, _, attr = name.rpartition(".")
+                self.get_submodule(owner)._buffers[attr] = views[name]
+        self._flat = flat
+        self._flat_meta = meta
+        return self.flat_buffer() is not None
+
+    def flat_buffer(self) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """The live bound buffer (a uint8 tensor on the policy's device, NOT a copy: the next optimizer step
+        changes it) and its layout, or None when the policy is not (or no longer) bound."""
+        flat = getattr(self, "_flat", None)
+        if flat is None:
+            return None
+        meta = self._flat_meta
+        state = self.state_dict()
+        if list(state) != [e["name"] for e in meta["entries"]]:
+            return None
+        base = flat.data_ptr()
+        for e, t in zip(meta["entries"], state.values(), strict=True):
+            if t.device != flat.device or t.data_ptr() != base + e["offset"] or not t.is_contiguous():
+                self._flat = None  # rebound elsewhere (``.to()``, DeepSpeed): stop trusting it
+                return None
+        return flat, meta
+
+    def flat_state(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """All parameters (and persistent buffers) as ONE contiguous ``uint8`` numpy buffer + layout (a fresh copy).
+
+        The layout lists ``name``, ``shape``, ``dtype`` and byte ``offset``/``nbytes`` per tensor, so any
+        dtype (bf16 included, which numpy lacks) round-trips byte-exactly. A bound policy (:meth:`bind_flat_buffer`)
+        copies its buffer in one pass; publishing code that needs no copy uses :meth:`flat_buffer` instead.
+        """
+        bound = self.flat_buffer()
+        if bound is not None:
+            flat, meta = bound
+            return flat.detach().to("cpu", copy=True).numpy(), meta
+        state, meta = self._flat_layout()
         # A torch-allocated buffer, viewed as numpy: filling fresh numpy pages was 8x slower here (500 MB: 1.7 s).
-        flat = torch.empty(offset, dtype=torch.uint8)
-        for e, t in zip(entries, state.values(), strict=True):
+        flat = torch.empty(meta["nbytes"], dtype=torch.uint8)
+        for e, t in zip(meta["entries"], state.values(), strict=True):
             flat[e["offset"] : e["offset"] + e["nbytes"]].copy_(t.detach().reshape(-1).view(torch.uint8))
-        return flat.numpy(), {"format": FORMAT, "nbytes": offset, "entries": entries}
+        return flat.numpy(), meta
 
     @torch.no_grad()
     def load_flat_state(self, buf: np.ndarray, meta: dict[str, Any]) -> None:
-        """Copy a ``flat_state`` buffer (possibly read-only, e.g. zero-copy from Ray) into this policy."""
-        state = self.state_dict()
+        """Copy a ``flat_state`` buffer (possibly read-only, e.g. zero-copy from Ray) into this policy.
+
+        The first load binds the policy to a flat buffer (:meth:`bind_flat_buffer`) where it can, so this and every
+        later load is ONE copy of the whole buffer (and :func:`learner.weights.state_checksum` one pass over it)
+        instead of one copy per tensor.
+        """
+        state, layout = self._flat_layout()
         names = [e["name"] for e in meta["entries"]]
         if names != list(state):
             missing, extra = sorted(set(state) - set(names)), sorted(set(names) - set(state))
             raise ValueError(f"flat state does not match this policy: missing {missing[:5]}, unexpected {extra[:5]}")
         if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size != meta["nbytes"]:
             raise ValueError(f"flat buffer must be 1-D uint8 of {meta['nbytes']} bytes, got {buf.dtype} {buf.shape}")
+        for e, mine in zip(meta["entries"], layout["entries"], strict=True):
+            target = state[e["name"]]
+            if getattr(torch, e["dtype"]) != target.dtype or list(target.shape) != e["shape"]:
+                raise ValueError(
+                    f"flat state entry {e['name']}: {e['dtype']} {e['shape']} != {target.dtype} {list(target.shape)}"
+                )
+            if (e["offset"], e["nbytes"]) != (mine["offset"], mine["nbytes"]):
+                raise ValueError(f"flat state entry {e['name']}: offset/size differ from this policy's layout")
         with warnings.catch_warnings():  # read-only buffers: the bytes are copied out immediately
             warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(buf)
+            if self.bind_flat_buffer():
+                self._flat.copy_(src)  # one copy (host-to-device when the policy is on a GPU)
+                return
             for e in meta["entries"]:
                 target = state[e["name"]]
-                dtype = getattr(torch, e["dtype"])
-                if dtype != target.dtype or list(target.shape) != e["shape"]:
-                    raise ValueError(
-                        f"flat state entry {e['name']}: {e['dtype']} {e['shape']} != "
-                        f"{target.dtype} {list(target.shape)}"
-                    )
-                raw = torch.from_numpy(buf[e["offset"] : e["offset"] + e["nbytes"]])
-                target.copy_(raw.view(dtype).view(target.shape))
+                raw = src[e["offset"] : e["offset"] + e["nbytes"]]
+                target.copy_(raw.view(target.dtype).view(target.shape))
 
 
 def flat_checksum(buf: np.ndarray) -> str:

@@ -15,7 +15,8 @@ drift away from a learned solution once its rewards stopped varying. The LR sche
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,11 +69,33 @@ def policy_scores_for(policy: torch.nn.Module, traj: Trajectory, device: torch.d
     return policy(emb, pos, traj.video_start, traj.num_frames, traj.tokens_per_frame)
 
 
+class GradientSync(Protocol):
+    """What a data-parallel group (``learner/learner_group.py``) plugs into :class:`PolicyUpdater`.
+
+    Each learner rank holds a full replica and updates on its share of a batch's questions; the updater calls these
+    at the few points where the ranks must agree, so that ``W`` ranks take exactly the optimiser steps one learner
+    takes on the whole batch: the loss mean over the whole batch (``total``), the same skip decision, the same
+    number of replayed iterations, the same finiteness check, and the summed gradient.
+    """
+
+    world_size: int
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``values`` (a small float tensor) reduced over the ranks (``sum`` or ``max``)."""
+        ...
+
+    def reduce_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over the ranks, in place (a missing gradient counts as zeros)."""
+        ...
+
+
 class PolicyUpdater:
     """Owns the optimizer and schedule of a policy; one :meth:`update` per batch of trajectories."""
 
     skipped_steps: int = 0
     """Optimiser steps skipped for want of any learning signal (a class default: subclasses need not set it)."""
+    sync: GradientSync | None = None
+    """Set by a data-parallel learner group; ``None`` for a single learner (every hook below is then a no-op)."""
 
     def __init__(
         self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
@@ -106,8 +129,18 @@ class PolicyUpdater:
         return False
 
     def _batch_loss(
-        self, trajs: Sequence[Trajectory], iteration: int, prox: Sequence[PolicyScores | None] | None = None
+        self,
+        trajs: Sequence[Trajectory],
+        iteration: int,
+        prox: Sequence[PolicyScores | None] | None = None,
+        denom: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss over the batch; ``denom`` is the whole batch's size when ``trajs`` is one rank's share of it
+        (the ranks' partial sums then add up to the single-learner mean)."""
+        n = denom or len(trajs)
+        if not trajs:
+            # An empty share still joins the gradient sum: a zero loss connected to every parameter.
+            return sum(p.reshape(-1)[0] * 0.0 for p in self.policy.parameters()), {}
         total = torch.zeros((), device=self.device)
         metrics: dict[str, float] = {}
         prox = prox if prox is not None else [None] * len(trajs)
@@ -128,9 +161,9 @@ class PolicyUpdater:
                 prox=traj_prox,
                 frame_masks=frame_masks,
             )
-            total = total + out.total / len(trajs)
+            total = total + out.total / n
             for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(trajs)
+                metrics[k] = metrics.get(k, 0.0) + v / n
         return total, metrics
 
     def optimizer_state(self) -> dict:
@@ -143,6 +176,8 @@ class PolicyUpdater:
     def _step(self, loss: torch.Tensor) -> float:
         """Backward, clip, optimizer and schedule step; the DeepSpeed learner overrides only this."""
         loss.backward()
+        if self.sync is not None:
+            self.sync.reduce_gradients(self.policy.parameters())  # before the clip: the norm is the whole batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -175,24 +210,34 @@ class PolicyUpdater:
             agg["policy/first_ratio_max"] = metrics.get("policy/ratio_max", float("nan"))
             agg["policy/first_approx_kl"] = metrics.get("policy/approx_kl", float("nan"))
 
-    def update(self, trajs: Sequence[Trajectory], version: int | None = None) -> dict[str, float]:
+    def _reduce(self, value: float, op: str) -> float:
+        if self.sync is None:
+            return value
+        return float(self.sync.all_reduce(torch.tensor([float(value)], dtype=torch.float64), op)[0])
+
+    def update(
+        self, trajs: Sequence[Trajectory], version: int | None = None, total: int | None = None
+    ) -> dict[str, float]:
         """Replay the per-iteration optimiser steps of one batch of questions; returns mean metrics.
 
         ``version``: the weight version this policy is at. Trajectories rolled out at an older version are
         optimised with the decoupled (proximal) loss; ``None`` treats every trajectory as on-policy.
+        ``total``: in a data-parallel group (``sync`` set), the number of trajectories of the whole batch, of which
+        ``trajs`` is this rank's share (possibly empty); the metrics are then this share's part of the batch means.
         """
-        if not trajs:
+        if not trajs and (self.sync is None or not total):
             raise ValueError("update() needs at least one trajectory")
         self.policy.train()
         prox = self.proximal_scores(trajs, version)
         stale = sum(p is not None for p in prox)
-        iterations = max(len(t.rates) for t in trajs)
+        iterations = int(self._reduce(max((len(t.rates) for t in trajs), default=0), "max"))
         agg: dict[str, float] = {}
         for it in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            if self.cfg.skip_no_signal_steps and not self.has_signal(trajs, it):
+            signal = self.has_signal(trajs, it) if self.cfg.skip_no_signal_steps else True
+            if not self._reduce(float(signal), "max"):
                 with torch.no_grad():
-                    loss, metrics = self._batch_loss(trajs, it, prox)
+                    loss, metrics = self._batch_loss(trajs, it, prox, total)
                 self._record_first_iteration(agg, it, metrics)
                 self.scheduler.step()
                 self.optimizer_steps += 1
@@ -201,9 +246,10 @@ class PolicyUpdater:
                 for k, v in metrics.items():
                     agg[k] = agg.get(k, 0.0) + v / iterations
                 continue
-            loss, metrics = self._batch_loss(trajs, it, prox)
+            loss, metrics = self._batch_loss(trajs, it, prox, total)
             self._record_first_iteration(agg, it, metrics)
-            if not torch.isfinite(loss):
+            # Every rank must raise (or none): a rank that raised alone would leave the others in the all-reduce.
+            if not math.isfinite(self._reduce(float(loss.detach()), "sum")):
                 raise FloatingPointError(
                     f"non-finite loss at optimizer step {self.optimizer_steps} "
                     f"(samples {[t.sample_id for t in trajs]}); lower learner.lr or check the inputs"
