@@ -245,14 +245,16 @@ SERIES = {
 def plot(results: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
     widths = list(results["widths"])
     fig, axes = new_figure(ncols=len(widths) + 1, width=5.2, height=4.2)
-    methods = ["cacovid", "cacovid_policy_forward", "cacovid_selection", *BASELINES]
+    ours = ["cacovid", "cacovid_policy_forward", "cacovid_selection"]
     for ax, w in zip(axes, widths, strict=False):
         lat = results["widths"][w]["latency"]
         r = max(lat, key=float)
+        # Results measured before a method existed have no entry for it: plot what was measured.
+        methods = [m for m in [*ours, *BASELINES] if m in lat[r]]
         med = [lat[r][m].median * 1e3 for m in methods]
         lo = [lat[r][m].median * 1e3 - lat[r][m].p10 * 1e3 for m in methods]
         hi = [lat[r][m].p90 * 1e3 - lat[r][m].median * 1e3 for m in methods]
-        colours = ["tab:red", "salmon", "salmon"] + ["tab:grey"] * len(BASELINES)
+        colours = ["tab:red" if m == "cacovid" else "salmon" if m in ours else "tab:grey" for m in methods]
         ax.barh(methods, med, xerr=[lo, hi], color=colours)
         ax.set_xscale("log")
         ax.invert_yaxis()
