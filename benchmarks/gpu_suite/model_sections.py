@@ -249,7 +249,7 @@ def section_b(ctx: Ctx) -> dict[str, Any]:
 @torch.no_grad()
 def section_c(ctx: Ctx) -> dict[str, Any]:
     from benchmarks.pruning_latency import BASELINES
-    from cacovid_rl.baselines import SelectionContext, get_selector
+    from cacovid_rl.baselines import SelectionContext, compress, get_selector
     from cacovid_rl.policy.network import CacovidPolicy
 
     fam = ctx.cache.families(("llava_onevision",))[0]
@@ -264,14 +264,18 @@ def section_c(ctx: Ctx) -> dict[str, Any]:
     cacovid = get_selector("cacovid")
     ctx_sel = SelectionContext(enc=enc, adapter=adapter, generator=torch.Generator().manual_seed(ctx.seed))
     r = 0.25
-    for s in selectors.values():
-        s.select(SelectionContext(enc=warm, adapter=adapter, generator=torch.Generator()), r)
+    for s in selectors.values():  # merging methods time their whole compressed block, selectors their selection
+        compress(s, SelectionContext(enc=warm, adapter=adapter, generator=torch.Generator()), r)
     scores = policy.score(enc)
     fns: dict[str, Callable[[], Any]] = {
         "cacovid": lambda: cacovid.select(SelectionContext(enc=enc, scores=policy.score(enc)), r),
         "cacovid_policy_forward": lambda: policy.score(enc),
         "cacovid_selection": lambda: cacovid.select(SelectionContext(enc=enc, scores=scores), r),
-        **{b: (lambda s=s: s.select(ctx_sel, r)) for b, s in selectors.items()},
+        # as benchmarks/pruning_latency.py: a selector's selection, a merger's whole compressed block
+        **{
+            b: (lambda s=s: s.select(ctx_sel, r) if hasattr(s, "select") else s.compress(ctx_sel, r))
+            for b, s in selectors.items()
+        },
     }
     stats, _ = measure_interleaved(fns, ctx.reps(10, 2), warmup=1, device=ctx.device)
     base = stats["cacovid"].median
@@ -285,10 +289,9 @@ def section_c(ctx: Ctx) -> dict[str, Any]:
         "latency_s": stats,
         "over_cacovid": {k: s.median / base for k, s in stats.items()},
         "paper": PAPER["pruning_ms"],
-        "not_implemented": {"prunevid": "no PruneVID selector in cacovid_rl.baselines"},
         "comparisons": [
             comparison(f"pruning ms at {r:.0%}, {t}x{n} tokens", "cacovid", base * 1e3, b, stats[b].median * 1e3, "ms")
-            for b in ("divprune", "fastv", "visionzip")
+            for b in ("divprune", "fastv", "visionzip", "prunevid")
         ],
     }
     out["comparisons"].append(
