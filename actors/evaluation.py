@@ -20,9 +20,11 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
     from cacovid_rl.models.loading import load_adapter
 
     adapter = adapter or load_adapter(cfg.model)
-    records = load_records(cfg.data.eval_path, cfg.data.video_root).records
+    report = load_records(cfg.data.eval_path, cfg.data.video_root, allow_outside_root=cfg.data.allow_outside_video_root)
+    records = report.records
     if cfg.eval.max_samples:
         records = records[: cfg.eval.max_samples]
+    records, over_budget = _within_prompt_budget(adapter, records, cfg.model.max_prompt_tokens)
     if policy is not None:
         policy = policy.to(adapter.device).eval()
     result = evaluate(
@@ -40,8 +42,31 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
         fix_official_bugs=cfg.reward.fix_official_bugs,
         progress=progress,
     )
+    # Skipped before evaluation (over the prompt budget) and at load count with the per-record skips.
+    result["skipped"] = int(result.get("skipped", 0)) + len(over_budget)
+    result["errors"] = [*over_budget, *result.get("errors", [])][:50]
+    result["load_skipped"] = dict(report.skipped)
     result["version"] = version
     return result
+
+
+def _within_prompt_budget(adapter, records: list, budget: int) -> tuple[list, list[str]]:
+    """The records whose prompt fits ``model.max_prompt_tokens``, and one message per record that does not.
+
+    Filtered here rather than in the evaluation loop: a 100,000-character question runs the LLM out of memory (or
+    for minutes) before any per-record ``except`` could help. A record the tokenizer rejects is dropped the same way.
+    """
+    from cacovid_rl.rl.worker import check_prompt_budget
+
+    kept, dropped = [], []
+    for rec in records:
+        try:
+            check_prompt_budget(adapter, rec, budget)
+        except Exception as exc:  # the record's own failure: it is skipped, the evaluation goes on
+            dropped.append(f"{rec.sample_id}: {type(exc).__name__}: {exc}")
+            continue
+        kept.append(rec)
+    return kept, dropped
 
 
 def _evaluation_task(cfg_dict: dict[str, Any], handle, version: int) -> dict[str, Any]:

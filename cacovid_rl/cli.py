@@ -166,14 +166,46 @@ def blind_filter(cfg: Config) -> Config:
 # subcommands
 
 
+EXIT_CHECKPOINT_FAILED = 3
+"""``train`` exit code when the final or the stop checkpoint could not be written (the run's state is not saved)."""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train; exits 0 when done, 2 on a user error, 3 when the final/stop checkpoint failed, 128 + N when stopped by
+    signal N (after writing its stop checkpoint), so a supervisor can tell a finished run from an interrupted one."""
+    if args.resume and args.resume_or_start:
+        raise UserError("--resume and --resume-or-start exclude each other (the second also starts a new run)")
+    if args.allow_config_change and not (args.resume or args.resume_or_start):
+        raise UserError("--allow-config-change only applies with --resume or --resume-or-start")
     cfg = _config(args, _device_overrides(args.device, ("model.device", "learner.device")))
+    from cacovid_rl.preflight import check_model_dir
+
+    check_model_dir(cfg.model.path)  # before the blind test loads it or any data is generated
     ensure_data(cfg)
     cfg = blind_filter(cfg)
+    from learner.checkpoint import CheckpointError
     from learner.driver import train
 
-    summary = train(cfg, resume=args.resume, stop_after_updates=args.stop_after)
+    try:
+        summary = train(
+            cfg,
+            resume=args.resume or args.resume_or_start,
+            stop_after_updates=args.stop_after,
+            resume_or_start=args.resume_or_start,
+            allow_config_change=args.allow_config_change,
+        )
+    except CheckpointError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
     print(json.dumps({k: v for k, v in summary.items() if k != "counters"}, indent=2))
+    signum = summary.get("stopped_by_signal")
+    if signum is not None:
+        print(
+            f"stopped by signal {signum} at update {summary['version']}; checkpoint {summary['checkpoint'] or 'none'} "
+            "(continue with --resume)",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)
     if args.eval_after and cfg.data.eval_path:
         from actors.evaluation import run_evaluation
         from cacovid_rl.eval.evaluate import write_eval_outputs
@@ -531,7 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--device", default=None, help="shorthand for model.device=D learner.device=D (cpu, cuda)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in learner.checkpoint_dir"
+        "--resume",
+        action="store_true",
+        help="continue from the newest verified checkpoint in learner.checkpoint_dir (an error when there is none)",
+    )
+    p.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="like --resume, but start a new run when learner.checkpoint_dir holds no verified checkpoint",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though seed, data, batch size, model or policy differ from the checkpoint's config",
     )
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N more updates")
     p.add_argument("--eval-after", action="store_true", help="evaluate the final policy on data.eval_path")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,10 +49,15 @@ class DataConfig:
     asks ``model.path`` every question without its video, writes the ones it gets wrong to ``<train stem>.blind.json``
     beside it (once; reused afterwards) and trains on that file. For data that was not filtered offline with
     ``cacovid-rl blind-test`` (the debug config's generated data)."""
+    allow_outside_video_root: bool = False
+    """Accept records whose video path leaves ``video_root`` (absolute paths elsewhere, ``../``). Off, such a record
+    is skipped without looking at the path, so a records file cannot make actors open (or reveal the existence
+    of) arbitrary files; turn on for datasets that deliberately list absolute paths on other volumes."""
 
     def validate(self) -> None:
         _check(self.num_frames >= 1, "data.num_frames", "must be >= 1")
         _check(self.max_fps > 0, "data.max_fps", "must be > 0")
+        _check(self.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,16 @@ class ModelConfig:
     """Max combinations per LLM forward; 0 picks the largest chunk that fits ``memory_budget_gb``."""
     memory_budget_gb: float = 4.0
     """Activation/KV memory an actor may use per scoring forward when choosing the chunk size."""
+    max_prompt_tokens: int = 2048
+    """Longest question prompt (tokens, without video) an actor or evaluation accepts; a longer one is skipped
+    with its reason instead of running an actor out of memory or past ``cluster.call_timeout_s`` on every retry.
+    0 removes the cap."""
 
     def validate(self) -> None:
+        _check(_is_device(self.device), "model.device", f"must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(self.max_new_tokens >= 1, "model.max_new_tokens", "must be >= 1")
+        _check(self.max_prompt_tokens >= 0, "model.max_prompt_tokens", "must be >= 0 (0 = no cap)")
+        _check(bool(self.path.strip()), "model.path", "must name a checkpoint directory or 'tiny'")
         _check(self.combos_per_forward >= 0, "model.combos_per_forward", "must be >= 0")
         _check(self.memory_budget_gb > 0, "model.memory_budget_gb", "must be > 0")
 
@@ -127,6 +141,7 @@ class SamplingConfig:
         _check(min(self.num_content, self.num_frame) >= 0, "sampling.num_content/num_frame", "must be >= 0")
         _check(0.0 < self.frame_ratio <= 1.0, "sampling.frame_ratio", "must be in (0, 1]")
         _check(self.group_size >= 1, "sampling.group_size", "must be >= 1")
+        _check(self.max_group_prob > 0, "sampling.max_group_prob", "must be > 0")
         _check(self.knn_k >= 1, "sampling.knn_k", "must be >= 1")
 
 
@@ -149,6 +164,7 @@ class RolloutConfig:
         _check(self.iterations >= 1, "rollout.iterations", "must be >= 1")
         _check(0 < self.min_rate <= self.max_rate <= 1, "rollout.min_rate/max_rate", "need 0 < min <= max <= 1")
         _check(self.low_reward < self.high_reward, "rollout.low_reward", "must be < rollout.high_reward")
+        _check(self.low_reward >= 0 and self.high_reward <= 1, "rollout.low_reward/high_reward", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,8 @@ class LossConfig:
     def validate(self) -> None:
         _check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high", "must be >= 0")
         _check(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+        _check(self.adv_eps > 0, "loss.adv_eps", "must be > 0 (it divides by the reward std)")
+        _check(self.clip_low < 1, "loss.clip_low", "must be < 1 (the ratio's lower bound 1 - clip_low must be > 0)")
         _check(self.max_is_weight > 0, "loss.max_is_weight", "must be > 0")
 
 
@@ -215,9 +233,20 @@ class LearnerConfig:
     drift away from a learned solution once its rewards stopped varying. ``false`` steps as the official does."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted after each save."""
+    num_learners: int = 1
+    """Data-parallel learner ranks (``learner/learner_group.py``), each a full policy replica placed like the single
+    learner (``placement_resource`` + 1 GPU): each update's questions are split over them and their gradients summed.
+    Raise it when the learner, not the reward actors, limits throughput (``benchmarks/cluster_simulation.py``)."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "learner.lr", "must be > 0")
+        _check(self.num_learners >= 1, "learner.num_learners", "must be >= 1")
+        _check(self.decoder_lr_scale >= 0, "learner.decoder_lr_scale", "must be >= 0")
+        _check(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        _check(_is_device(self.device), "learner.device", f"must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _check(bool(self.checkpoint_dir.strip()), "learner.checkpoint_dir", "must not be empty")
+        _check(self.keep_checkpoints >= 1, "learner.keep_checkpoints", "must be >= 1 (0 would delete every save)")
         _check(self.total_steps >= 0, "learner.total_steps", "must be >= 0 (0 = one epoch)")
         _check(self.questions_per_step >= 1, "learner.questions_per_step", "must be >= 1")
         _check(self.grad_clip > 0, "learner.grad_clip", "must be > 0")
@@ -256,8 +285,19 @@ class ClusterConfig:
     """Questions queued on one reward actor at a time (1 = no overlap between questions)."""
     pool_resize_every_s: float = 10.0
     """How often the driver re-reads the cluster's ``reward_actor`` capacity to grow or shrink the pool."""
+    max_item_failures: int = 2
+    """A question whose reward call hangs past ``call_timeout_s`` or kills its actor this many times is quarantined:
+    skipped, counted (``data/quarantined``) and named in the log and the summary, so one poison record cannot
+    stall training by being re-dispatched forever."""
 
     def validate(self) -> None:
+        _check(bool(self.address.strip()), "cluster.address", "must be local, auto or a Ray address")
+        _check(self.num_cpus >= 1, "cluster.num_cpus", "must be >= 1")
+        _check(self.object_store_memory_mb >= 80, "cluster.object_store_memory_mb", "must be >= 80 (Ray's minimum)")
+        _check(min(self.actor_num_cpus, self.actor_num_gpus) >= 0, "cluster.actor_num_cpus/gpus", "must be >= 0")
+        _check(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
+        _check(self.pool_resize_every_s > 0, "cluster.pool_resize_every_s", "must be > 0")
+        _check(self.max_item_failures >= 1, "cluster.max_item_failures", "must be >= 1")
         _check(1 <= self.min_actors <= self.max_actors, "cluster.min_actors/max_actors", "need 1 <= min <= max")
         _check(self.call_timeout_s > 0, "cluster.call_timeout_s", "must be > 0")
         _check(self.startup_timeout_s > 0, "cluster.startup_timeout_s", "must be > 0")
@@ -293,6 +333,9 @@ class EvalConfig:
     ``max_sample_ratio_for_each_frame`` is 1.5 x retention)."""
 
     def validate(self) -> None:
+        _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = only at the end)")
+        _check(self.max_samples >= 0, "eval.max_samples", "must be >= 0 (0 = all)")
+        _check(len(set(self.baselines)) == len(self.baselines), "eval.baselines", "lists a method twice")
         _check(self.max_ratio_scale > 0, "eval.max_ratio_scale", "must be > 0")
         for r in self.retentions:
             _check(0.0 < r <= 1.0, "eval.retentions", f"ratio {r} must be in (0, 1]")
@@ -349,6 +392,9 @@ class Config:
     """Seeds the data order, every question's sampling RNG and the policy init."""
 
     def validate(self) -> Config:
+        # numpy's seeded generators (data order, per-question RNG) reject negative and >= 2**63 seeds, inside Ray.
+        _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        _check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
@@ -366,6 +412,14 @@ class Config:
 def _check(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' {what}")
+
+
+_DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")
+
+
+def _is_device(value: str) -> bool:
+    """A torch device string this code can place a model on; anything else failed only inside a Ray actor."""
+    return _DEVICE.fullmatch(value) is not None
 
 
 def _to_plain(obj: Any) -> Any:
@@ -417,6 +471,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        # NaN passes every `x > 0` check by failing none of the `<` ones, and inf makes a schedule or loss NaN later.
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -430,6 +487,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if not isinstance(k, str):  # YAML reads `1:` or `true:` as a non-string key
+            raise ConfigError(f"config key {k!r} under '{prefix or '<root>'}' must be a name, got {type(k).__name__}")
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(
@@ -460,6 +520,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping.
+
+    Plain YAML keeps the last of two ``learner:`` sections and silently drops the first, with every key in it.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # an unhashable key: the base class reports it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first {seen[key]})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as the config loader reads it: safe types only, duplicate keys rejected."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
     raw: dict[str, Any] = {}
@@ -468,9 +552,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {exc.start}): pass a YAML file") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file '{p}' cannot be read: {exc.strerror or exc}") from exc
+        try:
+            raw = parse_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file '{p}' is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
     return from_dict(apply_overrides(raw, overrides or []))

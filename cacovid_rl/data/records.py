@@ -9,8 +9,13 @@ Two schemas are accepted (method.md, "Training data and blind test"):
   to the question the way Video-R1 builds its prompt ("Options:" then one option per line).
 
 Every problem is reported, never silently dropped: a record that is not a mapping, lacks a field,
-is an image record, has an unknown problem type or points to a missing video is skipped, counted
-under a reason in ``LoadReport.skipped`` and described (record index and field) in ``LoadReport.errors``.
+is an image record, has an unknown problem type, holds text that is not valid UTF-8, names a video outside
+the video root or points to a missing video is skipped, counted under a reason in ``LoadReport.skipped`` and
+described (record index and field) in ``LoadReport.errors``.
+
+A video path must stay inside the video root (``..`` and absolute paths elsewhere are skipped) unless the
+caller allows it (``data.allow_outside_video_root``): a records file must not make reward actors open
+arbitrary files, and the skip message for such a path never says whether it exists.
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ class _Skip(ValueError):
 def _read_json_list(path: Path) -> list[Any]:
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    # Undecodable bytes become lone surrogates (surrogateescape), so one bad byte costs its record, not the
+    # file; ``_text_field`` names the record and field that holds it.
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -92,7 +99,19 @@ def _text_field(raw: dict[str, Any], name: str, index: int) -> str:
     value = raw[name]
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise _Skip("invalid_field", f"record {index}: field '{name}' must be a string, got {type(value).__name__}")
-    return str(value)
+    return _valid_text(str(value), name, index)
+
+
+def _valid_text(value: str, name: str, index: int) -> str:
+    """``value``, unless it holds a lone surrogate (an undecodable byte of the file, or a ``\\udcff`` escape):
+    the tokenizer raises on those deep inside a reward actor, where the record used to be retried forever."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Skip(
+            "invalid_text", f"record {index}: field '{name}' is not valid UTF-8 text (character {exc.start})"
+        ) from None
+    return value
 
 
 def _options_field(raw: dict[str, Any], index: int) -> tuple[str, ...]:
@@ -101,10 +120,12 @@ def _options_field(raw: dict[str, Any], index: int) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _Skip("invalid_field", f"record {index}: field 'options' must be a list of strings")
-    return tuple(value)
+    return tuple(_valid_text(v, "options", index) for v in value)
 
 
-def parse_record(raw: Any, index: int, video_root: Path, check_videos: bool = True) -> QARecord:
+def parse_record(
+    raw: Any, index: int, video_root: Path, check_videos: bool = True, allow_outside_root: bool = False
+) -> QARecord:
     """Validate one raw record; raise ``_Skip`` (reason + message naming index and field) when unusable."""
     if not isinstance(raw, dict):
         raise _Skip("invalid_record", f"record {index}: must be a JSON object, got {type(raw).__name__}")
@@ -132,9 +153,19 @@ def parse_record(raw: Any, index: int, video_root: Path, check_videos: bool = Tr
     if not video.is_absolute():
         video = video_root / video
     video = Path(os.path.normpath(video.absolute()))
+    root = Path(os.path.normpath(Path(video_root).absolute()))
+    if not allow_outside_root and not video.is_relative_to(root):
+        # Decided on the path alone, before any filesystem access: the message must not reveal whether it exists.
+        raise _Skip(
+            "video_outside_root",
+            f"record {index}: field '{video_key}' leaves data.video_root (set data.allow_outside_video_root to "
+            "accept paths outside it)",
+        )
     if check_videos and not video.is_file():
         raise _Skip("missing_video", f"record {index}: field '{video_key}': video file '{video}' not found")
     sample_id = raw.get("problem_id", raw.get("id"))
+    if isinstance(sample_id, str):
+        _valid_text(sample_id, "problem_id", index)  # it seeds the question's RNG and names it in every log line
     return QARecord(
         sample_id=str(sample_id) if sample_id is not None else str(index),
         problem=problem,
@@ -147,7 +178,12 @@ def parse_record(raw: Any, index: int, video_root: Path, check_videos: bool = Tr
     )
 
 
-def load_records(path: str | Path, video_root: str | Path | None = None, check_videos: bool = True) -> LoadReport:
+def load_records(
+    path: str | Path,
+    video_root: str | Path | None = None,
+    check_videos: bool = True,
+    allow_outside_root: bool = False,
+) -> LoadReport:
     """Load and validate a Video-R1 JSON list (either schema).
 
     ``video_root`` defaults to the JSON file's directory. Raises ``DataError`` only when the file
@@ -158,7 +194,7 @@ def load_records(path: str | Path, video_root: str | Path | None = None, check_v
     report = LoadReport()
     for i, raw in enumerate(_read_json_list(p)):
         try:
-            report.records.append(parse_record(raw, i, root, check_videos))
+            report.records.append(parse_record(raw, i, root, check_videos, allow_outside_root))
         except _Skip as skip:
             report.skipped[skip.reason] += 1
             report.errors.append(f"{p}: {skip}")

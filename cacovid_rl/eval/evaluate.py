@@ -19,7 +19,7 @@ import torch
 from cacovid_rl.baselines import METHODS, ORACLE, CompressedVideo, SelectionContext, compress, get_method
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
-from cacovid_rl.data.video import VideoDecodeError, read_frames
+from cacovid_rl.data.video import read_frames
 from cacovid_rl.rl.rewards import compute_reward
 
 
@@ -183,26 +183,35 @@ def evaluate(
 
         iterator = tqdm(records, desc="eval", unit="q")
     for rec in iterator:
+        # Any failure of one record (a corrupt video, text the tokenizer rejects, ...) skips that record only; its
+        # rewards are summed into the totals after it fully succeeded, so a failure halfway adds nothing.
         try:
             frames = read_frames(rec.video, num_frames, max_fps)
-        except (ValueError, OSError, VideoDecodeError) as exc:
+            with torch.no_grad():
+                enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
+                scores = policy.score(enc) if policy is not None else None
+                tokens = None if oracle is None else oracle.get(rec.sample_id)
+                ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen, oracle_tokens=tokens)
+                rec_full = compute_reward(
+                    adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type, fix_official_bugs
+                )
+                keeps = compress_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
+                answers = answer_compressed(
+                    adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens
+                )
+                rec_rewards = {
+                    (m, r): compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix_official_bugs)
+                    for (m, r) in keeps
+                }
+        except Exception as exc:
             skipped += 1
-            errors.append(f"{rec.sample_id}: {exc}")
+            errors.append(f"{rec.sample_id}: {type(exc).__name__}: {exc}")
             continue
-        with torch.no_grad():
-            enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
-            scores = policy.score(enc) if policy is not None else None
-            tokens = None if oracle is None else oracle.get(rec.sample_id)
-            ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen, oracle_tokens=tokens)
-            full += compute_reward(
-                adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type, fix_official_bugs
-            )
-            keeps = compress_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
-            answers = answer_compressed(adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens)
-            for (m, r), _ in keeps.items():
-                sums[m][str(r)] += compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix_official_bugs)
-            for m in {m for m, _ in keeps}:
-                counts[m] += 1
+        full += rec_full
+        for (m, r), reward in rec_rewards.items():
+            sums[m][str(r)] += reward
+        for m in {m for m, _ in rec_rewards}:
+            counts[m] += 1
         n += 1
     denom = max(1, n)
     return {

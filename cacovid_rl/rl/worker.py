@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cacovid_rl.config import Config
+from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord, parse_record, record_to_dict
 from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.models.loading import load_adapter
@@ -64,8 +65,11 @@ class RewardWorker:
         """Roll out one question: (small status dict, encoded trajectory or ``b""`` if skipped).
 
         The status travels separately from the (large) trajectory so the driver can count and route
-        results without ever fetching trajectory bytes. A bad record (missing/corrupt video, bad field)
-        is reported as ``status="skipped"``, not raised.
+        results without ever fetching trajectory bytes. Any exception raised by the item itself (a
+        missing/corrupt video, a bad field, text the tokenizer rejects, a prompt over ``model.max_prompt_tokens``)
+        is reported as ``status="skipped"`` with its ``reason``, never raised: a raised error reaches the driver
+        like a dead actor's and the item would be re-dispatched to fail again, forever. Only a dead or hung actor
+        (which no ``except`` here can catch) is left to the driver's bounded retries.
         """
         t0 = time.perf_counter()
         status: dict[str, Any] = {
@@ -77,6 +81,7 @@ class RewardWorker:
         }
         try:
             rec = item.to_record()
+            check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
             frames = read_frames(rec.video, self.cfg.data.num_frames, self.cfg.data.max_fps)
             gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
             res = rollout_question(
@@ -107,13 +112,56 @@ class RewardWorker:
                 reward_mean=float(np.mean(traj.rewards)),
                 timings=traj.timings,
             )
-        except (ValueError, OSError, KeyError, VideoDecodeError) as exc:
+        except Exception as exc:  # the item's own failure, whatever its type (see the docstring)
             payload = b""
-            status.update(status="skipped", error=f"{type(exc).__name__}: {exc}")
+            status.update(status="skipped", reason=skip_reason(exc), error=_one_line(exc))
         elapsed = time.perf_counter() - t0
         self.busy_s += elapsed
         status["elapsed_s"] = elapsed
         return status, payload
+
+
+class PromptTooLong(ValueError):
+    """A question whose prompt exceeds ``model.max_prompt_tokens``: skipped before any frame is decoded."""
+
+
+def prompt_length(adapter, rec: QARecord) -> int:
+    """Tokens of the question prompt (without the chat template and video tokens, which are the same for every
+    record of a run)."""
+    return len(adapter.tokenizer(build_prompt(rec.problem, rec.problem_type), add_special_tokens=False)["input_ids"])
+
+
+def check_prompt_budget(adapter, rec: QARecord, budget: int) -> None:
+    """Raise ``PromptTooLong`` for a prompt over ``budget`` tokens (0: no cap).
+
+    A 100,000-character question made an actor allocate gigabytes and run past ``call_timeout_s`` on every try;
+    the cap turns it into one skip. The prompt's UTF-8 size bounds its token count from above (a byte-level BPE
+    token spans at least one byte), so ordinary prompts are not tokenized an extra time.
+    """
+    if budget <= 0:
+        return
+    if len(build_prompt(rec.problem, rec.problem_type).encode("utf-8", "surrogatepass")) <= budget:
+        return
+    n = prompt_length(adapter, rec)
+    if n > budget:
+        raise PromptTooLong(f"question prompt is {n} tokens, over model.max_prompt_tokens={budget}")
+
+
+def skip_reason(exc: BaseException) -> str:
+    """A short, countable reason for a skipped item (metrics group skips by it)."""
+    if isinstance(exc, PromptTooLong):
+        return "prompt_too_long"
+    if isinstance(exc, (VideoDecodeError, OSError)):
+        return "bad_video"
+    if isinstance(exc, (ValueError, KeyError)):
+        return "bad_record"
+    return "item_error"
+
+
+def _one_line(exc: BaseException) -> str:
+    # Bounded: a poison record's message can echo a huge field; the status travels through the driver's log.
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def build_policy(cfg: Config, adapter) -> CacovidPolicy:
