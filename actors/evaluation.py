@@ -13,8 +13,13 @@ import ray
 from cacovid_rl.config import Config, from_dict
 
 
-def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bool = False) -> dict[str, Any]:
-    """In-process evaluation on ``cfg.data.eval_path`` (shared by the Ray task and the CLI)."""
+def run_evaluation(
+    cfg: Config, policy, version: int, adapter=None, progress: bool = False, samples: int = 0
+) -> dict[str, Any]:
+    """In-process evaluation on ``cfg.data.eval_path`` (shared by the Ray task and the CLI).
+
+    ``samples`` > 0 adds that many answered questions with their kept-token pictures (``result["samples"]``), which
+    the driver logs as a wandb table."""
     from cacovid_rl.data.records import load_records
     from cacovid_rl.eval.evaluate import evaluate
     from cacovid_rl.models.loading import load_adapter
@@ -47,6 +52,10 @@ def run_evaluation(cfg: Config, policy, version: int, adapter=None, progress: bo
     result["errors"] = [*over_budget, *result.get("errors", [])][:50]
     result["load_skipped"] = dict(report.skipped)
     result["version"] = version
+    if samples and policy is not None:
+        from cacovid_rl.eval.samples import sample_questions
+
+        result["samples"] = sample_questions(adapter, policy, records, cfg, n=samples)
     return result
 
 
@@ -80,7 +89,7 @@ def _evaluation_task(cfg_dict: dict[str, Any], handle, version: int) -> dict[str
     adapter = load_adapter(cfg.model)
     policy = build_policy(cfg, adapter)
     policy.load_flat_state(handle.fetch(), handle.meta)
-    return run_evaluation(cfg, policy, version, adapter=adapter)
+    return run_evaluation(cfg, policy, version, adapter=adapter, samples=4)
 
 
 def launch_evaluation(cfg: Config, handle, version: int) -> ray.ObjectRef:

@@ -56,6 +56,7 @@ from learner.checkpoint import (
 )
 from learner.learner_group import spawn_learner
 from learner.metrics import MetricsLogger
+from learner.monitoring import ClusterMonitor, log_samples
 from learner.pool import ActorPool
 from learner.weights import WeightHandle
 
@@ -302,6 +303,7 @@ def train(
         inflight: dict[Any, tuple[dict[str, Any], Any]] = {}  # status ref -> (item, payload ref)
         results: dict[int, dict[int, tuple[dict[str, Any], Any]]] = {}
         actor_stats: dict[str, dict[str, Any]] = {}
+        cluster_monitor = ClusterMonitor()  # throughput, per-actor spread, device memory (learner/monitoring.py)
         strikes: Counter[int] = Counter()  # data index -> hangs, actor deaths and raised calls while it ran
         quarantine = set(counters.quarantined_ids)  # sample ids: a later epoch's copy is skipped without a try
         blamed: set[Any] = set()  # status refs of calls that were running when their actor died
@@ -480,7 +482,7 @@ def train(
                 step_metrics = {
                     **res["metrics"],
                     **counters.as_metrics(),
-                    **_actor_metrics(actor_stats),
+                    **cluster_monitor.metrics(actor_stats, live=pool.slots),
                     "sync/version": float(version),
                     "pool/size": float(len(pool.slots)),
                     "pool/ready": float(ready_actors),
@@ -720,22 +722,6 @@ def _checkpoint(
     return True
 
 
-def _actor_metrics(stats: dict[str, dict[str, Any]]) -> dict[str, float]:
-    if not stats:
-        return {}
-    ok = [s for s in stats.values() if s["status"] == "ok"]
-    out = {
-        "perf/actor_utilisation": float(np.mean([s["busy_s"] / max(1e-9, s["alive_s"]) for s in stats.values()])),
-        "sync/latency_s": float(np.mean([s["sync_latency_s"] for s in stats.values()])),
-        "sync/load_s": float(np.mean([s["sync_load_s"] for s in stats.values()])),
-    }
-    if ok:
-        out["perf/combos_per_s_per_actor"] = float(np.mean([s["combos"] / max(1e-9, s["elapsed_s"]) for s in ok]))
-        out["timing/score"] = float(np.mean([s["timings"]["score"] for s in ok]))
-        out["timing/encode"] = float(np.mean([s["timings"]["encode"] for s in ok]))
-    return out
-
-
 def _launch_eval(cfg: Config, handle: WeightHandle, version: int):
     from actors.evaluation import launch_evaluation
 
@@ -748,6 +734,7 @@ def _log_eval(metrics: MetricsLogger, ref: Any, out_dir: Path, counters: Counter
 
     try:
         result = ray.get(ref)
+        log_samples(metrics, result, out_dir / "eval")  # the sample-question table; pops result["samples"]
         _json_path, png_path, flat, rows = write_eval_outputs(result, out_dir / "eval")
     except Exception as exc:
         counters.eval_failures += 1

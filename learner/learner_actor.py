@@ -9,6 +9,10 @@ With the torch backend the policy's weights are views into one flat buffer
 the learner keeps the handles of the last ``max_staleness + 1`` versions (not copies of their buffers) and reads
 them back from the object store only to checkpoint them. ``learner/learner_group.py`` runs several of these as
 data-parallel ranks (``learner.num_learners``), of which only rank 0 publishes.
+
+Every update's metrics include the learner's own device readings (``mem/learner_*``, ``perf/learner_*``;
+``learner/monitoring.py::learner_metrics``): wandb's system monitor runs in the driver, which on a cluster is a
+GPU-less head node, so nothing else records the learner's GPU.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import torch
 from ray.exceptions import ObjectLostError
 
 from cacovid_rl.config import Config, from_dict
+from cacovid_rl.device_stats import DeviceMonitor
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import GradientSync, PolicyUpdater
 from cacovid_rl.rl.worker import build_policy
 from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.monitoring import learner_metrics
 from learner.weights import WeightHandle, publish_policy
 
 
@@ -93,6 +99,10 @@ class Learner:
         del adapter
         self.updater = make_updater(policy, cfg)
         self.updater.sync = sync
+        # Peaks from here on: the LLM loaded above is gone, and counting it would hide the update's own footprint.
+        self.monitor = DeviceMonitor(cfg.learner.device)
+        self.monitor.reset_peak()
+        self._last_update_end: float | None = None
         if cfg.learner.backend == "torch":
             # DeepSpeed keeps the weights in its own flat buffers (and reassigns ``.data``): no binding there.
             self.updater.policy.bind_flat_buffer()
@@ -182,7 +192,17 @@ class Learner:
                 "learner/questions_per_s": len(fresh) / max(1e-9, time.perf_counter() - t1),
             }
         )
+        metrics.update(self.device_metrics(time.perf_counter() - t0, sum(t.num_samples for t in fresh)))
         return {"metrics": metrics, "handle": self.publish(), "version": self.version}
+
+    def device_metrics(self, busy_s: float, combos: int) -> dict[str, float]:
+        """This learner's memory, utilisation and throughput after an update that took ``busy_s`` and trained on
+        ``combos`` combinations (``learner/monitoring.py::learner_metrics``). ``perf/learner_busy`` is the share of
+        the time since the previous update ended that this one took: well below 1, the learner waits for rollouts."""
+        now = time.perf_counter()
+        window = busy_s if self._last_update_end is None else now - self._last_update_end
+        self._last_update_end = now
+        return learner_metrics(self.monitor.stats(), busy_s, window, combos)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, root: str, driver_state: dict[str, Any]) -> str:

@@ -196,6 +196,8 @@ class LearnerWorker:
         fresh = [t for t in trajs if learner.version - t.weight_version <= self.cfg.learner.max_staleness]
         t1 = time.perf_counter()
         metrics = learner.updater.update(fresh, version=learner.version, total=total) if total else {}
+        if learner.publishes and total:  # rank 0's device and throughput (combine_metrics sums the ranks' metrics)
+            metrics.update(learner.device_metrics(time.perf_counter() - t0, sum(t.num_samples for t in fresh)))
         learner.version += 1
         learner._remember(learner.version)
         rewards = np.concatenate([t.rewards for t in trajs]).astype(np.float64) if trajs else np.zeros(0)

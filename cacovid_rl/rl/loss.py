@@ -53,6 +53,16 @@ def bernoulli_logprob(scores: torch.Tensor, keep_mask: torch.Tensor) -> torch.Te
     return torch.where(keep_mask.bool(), F.logsigmoid(scores), F.logsigmoid(-scores))
 
 
+def bernoulli_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy (nats) of the keep/drop decision with log-odds ``scores``: ``softplus(s) - s sigmoid(s)``.
+
+    The same as ``-p log p - (1 - p) log(1 - p)`` with ``p = sigmoid(s)`` but finite at any score: ``log 2`` for a coin
+    flip (``s = 0``), towards 0 as the head grows certain. A head collapsing to certainty (keep or drop everything)
+    shows here before the reward moves.
+    """
+    return (F.softplus(scores) - scores * torch.sigmoid(scores)).clamp(min=0.0)
+
+
 def _rows(keep: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
     if isinstance(keep, torch.Tensor):
         if keep.dim() != 2:
@@ -250,7 +260,11 @@ def _summary(
     rewards: torch.Tensor,
     modes: torch.Tensor,
 ) -> dict[str, float]:
-    """Loss values, keep probabilities and per-mode reward statistics (0.0 for a mode without samples).
+    """Loss values, keep probabilities, head entropies and per-mode reward statistics (0.0 for a mode without samples).
+
+    ``policy/token_entropy`` and ``policy/frame_entropy`` are the mean Bernoulli entropy (nats) per decision of the
+    updating policy's token and frame heads over every token and frame of the question (not only the sampled ones);
+    ``log 2 = 0.693`` is a uniform coin, 0 a deterministic head. Metrics only: the loss has no entropy term.
 
     ``adv/<mode>_std`` is the sample std of the rewards the advantages are divided by: 0 means the group
     carries no learning signal (all combinations scored the same).
@@ -273,6 +287,8 @@ def _summary(
             "loss/kl": float(kl),
             "policy/keep_prob_mean": float(torch.sigmoid(token_new).mean()),
             "policy/frame_keep_prob_mean": float(torch.sigmoid(frame_new).mean()),
+            "policy/token_entropy": float(bernoulli_entropy(token_new).mean()),
+            "policy/frame_entropy": float(bernoulli_entropy(frame_new).mean()),
             "reward/token_mean": tok_mean,
             "reward/frame_mean": frm_mean,
             "reward/content_mean": con_mean,
