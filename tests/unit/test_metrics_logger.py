@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 
 from cacovid_rl.config import load_config
 from learner.metrics import STEP_KEY, MetricsLogger
+from tests.wandb_io import read_offline_records
 
 
-def read_wandb_run(out_dir, timeout_s: float = 30.0) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(history rows, (metric name or glob, step metric) definitions) of the one offline run under ``out_dir``,
-    once its ``exit`` record is there: ``wandb.finish()`` can return before wandb-core has flushed the run file."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
-
-    (path,) = out_dir.glob("wandb/offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        store = datastore.DataStore()
-        store.open_for_scan(str(path))
-        records = []
-        while (data := store.scan_data()) is not None:
-            rec = pb.Record()
-            rec.ParseFromString(data)
-            records.append(rec)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+def read_wandb_run(out_dir) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(history rows, (metric name or glob, step metric) definitions) of the one offline run under ``out_dir``."""
+    records = read_offline_records(out_dir)
     history, metrics = [], []
     for rec in records:
         kind = rec.WhichOneof("record_type")

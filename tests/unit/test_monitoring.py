@@ -19,6 +19,7 @@ from cacovid_rl.device_stats import GB, DeviceMonitor, peak_rss_bytes, rss_bytes
 from cacovid_rl.rl.loss import bernoulli_entropy, cacovid_loss
 from cacovid_rl.types import MODE_FRAME, MODE_TOKEN, PolicyScores
 from learner.monitoring import SAMPLE_COLUMNS, ClusterMonitor, learner_metrics, log_samples
+from tests.wandb_io import read_offline_records
 
 # ---------------------------------------------------------------------------------------------------------------------
 # entropy of the heads
@@ -351,22 +352,7 @@ def _read_offline_run(out_dir: Path, timeout_s: float = 30.0) -> tuple[list[dict
     """(history rows, {table file: {artifact path: staged local file}} of each run_table artifact) of the one
     offline run under ``out_dir``, once its ``exit`` record is there: ``wandb.finish()`` can return before
     wandb-core has flushed the run file (seen: 1 read in 8 found only the 7-byte header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
-
-    (path,) = out_dir.glob("wandb/offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        store = datastore.DataStore()
-        store.open_for_scan(str(path))
-        records = []
-        while (data := store.scan_data()) is not None:
-            rec = pb.Record()
-            rec.ParseFromString(data)
-            records.append(rec)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    records = read_offline_records(out_dir, timeout_s)
     history, tables = [], {}
     for rec in records:
         kind = rec.WhichOneof("record_type")
