@@ -33,13 +33,18 @@ log = logging.getLogger(__name__)
 
 class RewardActor:
     def __init__(self, cfg_dict: dict[str, Any], actor_id: str) -> None:
-        self.worker = RewardWorker(from_dict(cfg_dict), actor_id=actor_id)
+        worker = RewardWorker(from_dict(cfg_dict), actor_id=actor_id)
+        self._attach(worker, worker.adapter.device)
+
+    def _attach(self, worker: RewardWorker, device: Any) -> None:
+        """The actor's state around ``worker`` (benchmarks attach a worker that holds only a policy)."""
+        self.worker = worker
         self.sync_latency_s = 0.0
         self.sync_load_s = 0.0
         self.syncs = 0
         self.weights_checksum = state_checksum(self.worker.policy)
         # The LLM stays loaded for the actor's life, so the peaks include it: they are what meets the device's limit.
-        self.monitor = DeviceMonitor(self.worker.adapter.device)
+        self.monitor = DeviceMonitor(device)
         self.totals = {"items": 0, "combos": 0, "video_tokens": 0, "kept_tokens": 0}
 
     def info(self) -> dict[str, Any]:

@@ -101,11 +101,7 @@ class LightRewardActor(RewardActor):
 
     def __init__(self, size: str, model_path: str) -> None:
         setup_process(1)
-        self.worker = PolicyOnlyWorker(build_policy(size, model_path))
-        self.sync_latency_s = 0.0
-        self.sync_load_s = 0.0
-        self.syncs = 0
-        self.weights_checksum = ""  # set by sync, as in the real actor
+        self._attach(PolicyOnlyWorker(build_policy(size, model_path)), "cpu")
 
     def timed_sync(self, handle: WeightHandle) -> dict[str, float]:
         version = self.sync(handle)
