@@ -153,10 +153,7 @@ def section_f(ctx: Ctx) -> dict[str, Any]:
 
         def __init__(self, size: str, model_path: str, device: str) -> None:
             setup_process(1)
-            self.worker = PolicyOnlyWorker(build_policy(size, model_path).to(device))
-            self.sync_latency_s = self.sync_load_s = 0.0
-            self.syncs = 0
-            self.weights_checksum = ""
+            self._attach(PolicyOnlyWorker(build_policy(size, model_path).to(device)), device)
 
         def timed_sync(self, handle: WeightHandle) -> dict[str, float]:
             version = self.sync(handle)
