@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 
 from cacovid_rl.config import load_config
+from learner.checkpoint import latest_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -390,7 +391,7 @@ def test_debug_local_job_succeeds(head: Head) -> None:
 
     # Checkpoints, policy, metrics and the offline wandb run, where the overrides put them.
     assert (syn / "train.json").is_file()
-    assert (ckpt / "LATEST").read_text().strip() == f"step_{STEPS:08d}"
+    assert latest_checkpoint(ckpt) == ckpt / f"step_{STEPS:08d}"  # LATEST names it (and the run) and it verifies
     assert (ckpt / "step_00000002").is_dir() and (ckpt / f"step_{STEPS:08d}" / "state.msgpack").is_file()
     assert (out / "policy" / "model.safetensors").is_file() and (out / "policy" / "policy_config.json").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
