@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class RewardActor:
+    # ``prefetch`` hints run in their own thread: in the default group (one call at a time) a hint would wait behind
+    # the very ``run`` it is meant to overlap. Pass to ``ray.remote(concurrency_groups=...)``; ``run`` stays serial.
+    CONCURRENCY_GROUPS = {"prefetch": 1}
+
     def __init__(self, cfg_dict: dict[str, Any], actor_id: str) -> None:
         worker = RewardWorker(from_dict(cfg_dict), actor_id=actor_id)
         self._attach(worker, worker.adapter.device)
@@ -103,6 +107,14 @@ class RewardActor:
         status["pid"] = os.getpid()
         status["actor_started"] = self.worker.started
         return status, payload
+
+    def prefetch(self, item: dict[str, Any]) -> bool:
+        """Hint: ``item`` is queued behind the running call; start decoding its video (``cacovid_rl.rl.prefetch``).
+
+        Call as ``handle.prefetch.options(concurrency_group="prefetch", num_returns=0).remote(item)``: returns at
+        once, and a lost hint (dead actor, cache full) only means ``run`` decodes the item itself.
+        """
+        return self.worker.prefetch(WorkItem(**item))
 
     def hang(self, seconds: float) -> None:
         """Test hook: block this actor (simulates a hung GPU kernel)."""

@@ -283,6 +283,10 @@ class ClusterConfig:
     """How long the driver waits for the learner and the first reward actor (cold GPU nodes take minutes)."""
     inflight_per_actor: int = 2
     """Questions queued on one reward actor at a time (1 = no overlap between questions)."""
+    prefetch: bool = True
+    """Decode the next queued question's video on a background thread of the reward actor while the current one is
+    scored (``cacovid_rl.rl.prefetch``); needs ``inflight_per_actor >= 2``. Results are identical either way: off
+    only to rule it out or to save the memory of up to ``inflight_per_actor`` decoded videos per actor."""
     pool_resize_every_s: float = 10.0
     """How often the driver re-reads the cluster's ``reward_actor`` capacity to grow or shrink the pool."""
     max_item_failures: int = 2

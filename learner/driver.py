@@ -307,6 +307,7 @@ def train(
         strikes: Counter[int] = Counter()  # data index -> hangs, actor deaths and raised calls while it ran
         quarantine = set(counters.quarantined_ids)  # sample ids: a later epoch's copy is skipped without a try
         blamed: set[Any] = set()  # status refs of calls that were running when their actor died
+        hinted: set[Any] = set()  # status refs of queued calls whose decode the actor was told to prefetch
         next_batch = version
         update_ref = None
         update_indices: list[int] = []  # data indices of the payloads the in-flight update was given, in order
@@ -362,6 +363,7 @@ def train(
             for ref in refs:
                 if ref in inflight:
                     item, _ = inflight.pop(ref)
+                    hinted.discard(ref)
                     queue.appendleft(item)
                     counters.redispatched += 1
 
@@ -383,6 +385,7 @@ def train(
                 refs = pool.restart(slot)  # in dispatch order: the first one is the call that was running
                 if refs and refs[0] in inflight:
                     item, _ = inflight.pop(refs[0])
+                    hinted.discard(refs[0])
                     strike(item, f"no answer within cluster.call_timeout_s={cfg.cluster.call_timeout_s:g}s")
                 requeue(refs[1:])
             # 3. Keep every ready actor busy (bounded in-flight work per actor).
@@ -395,8 +398,12 @@ def train(
                         skip_quarantined(item, "quarantined earlier in this run")
                         continue
                     handle = weights[max(0, item["batch_index"] - lag)]
-                    status_ref, payload_ref = pool.submit(slot, item, handle)
+                    status_ref, payload_ref, was_hinted = pool.submit(
+                        slot, item, handle, prefetch=strikes[item["index"]] == 0
+                    )
                     inflight[status_ref] = (item, payload_ref)
+                    if was_hinted:
+                        hinted.add(status_ref)
                     counters.dispatched += 1
                     log.debug(
                         "dispatch q%d (batch %d, v%d) -> %s",
@@ -423,6 +430,7 @@ def train(
             # queue before a later call's failure is looked at, so the head of the queue is the call that was running.
             for ref in sorted((r for r in ready if r in inflight), key=_dispatch_order(pool)):
                 item, payload_ref = inflight.pop(ref)
+                hinted.discard(ref)
                 slot = pool.owner(ref)
                 head = next(iter(slot.inflight), None) if slot is not None else None
                 if slot is not None:
@@ -434,9 +442,11 @@ def train(
                     log.warning("reward call for sample %s failed (%s): re-dispatching", item["index"], why)
                     counters.actor_failures += 1
                     if isinstance(exc, RayActorError) and slot is not None and slot.ready and head is not None:
-                        # The first failure seen since the actor was up: blame the call it was running. The calls
-                        # queued behind it fail too, maybe before it arrives here; they are not at fault.
+                        # The first failure seen since the actor was up: blame the call it was running, and the queued
+                        # calls whose videos it was decoding ahead (prefetch): a crash in decord there is theirs as
+                        # much. Queued calls that were not hinted fail too but are not at fault.
                         blamed.add(head)
+                        blamed.update(r for r in slot.inflight if r in hinted)
                     if isinstance(exc, RayTaskError) or ref in blamed:
                         blamed.discard(ref)
                         strike(item, f"{type(exc).__name__}: {why}")

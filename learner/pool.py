@@ -46,7 +46,7 @@ class ActorPool:
         self.created = 0
         self.removed = 0
         self._last_resize = 0.0
-        self._remote = ray.remote(RewardActor)
+        self._remote = ray.remote(concurrency_groups=RewardActor.CONCURRENCY_GROUPS)(RewardActor)
         self._autoscaler_error = ""  # the last request_resources failure logged (logged once, not every resize)
 
     # -- membership ----------------------------------------------------------------------------
@@ -179,10 +179,19 @@ class ActorPool:
             (s for s in self.slots.values() if s.ready and len(s.inflight) < cap), key=lambda s: len(s.inflight)
         )
 
-    def submit(self, slot: Slot, item: dict[str, Any], handle) -> tuple[Any, Any]:
+    def submit(self, slot: Slot, item: dict[str, Any], handle, prefetch: bool = True) -> tuple[Any, Any, bool]:
+        """Queue ``item`` on ``slot``; returns (status ref, payload ref, whether its decode was hinted).
+
+        ``prefetch=False`` (an item that already failed once) keeps its decode inside its own ``run`` call, so a crash
+        there is attributed to it alone."""
+        hinted = bool(prefetch and self.cfg.cluster.prefetch and slot.inflight)
+        if hinted:
+            # The item queues behind a running one: let the actor decode its video meanwhile. Fire and forget
+            # (no return value to fetch): the driver tracks the item by its ``run`` call alone.
+            slot.handle.prefetch.options(concurrency_group="prefetch", num_returns=0).remote(item)
         status_ref, payload_ref = slot.handle.run.remote(item, handle)
         slot.inflight[status_ref] = time.monotonic()
-        return status_ref, payload_ref
+        return status_ref, payload_ref, hinted
 
     def owner(self, status_ref: Any) -> Slot | None:
         for s in self.slots.values():

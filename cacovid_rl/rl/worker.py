@@ -21,6 +21,7 @@ from cacovid_rl.data.records import QARecord, parse_record, record_to_dict
 from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
+from cacovid_rl.rl.prefetch import Prefetcher
 from cacovid_rl.rl.rollout import rollout_question, sample_generator
 from cacovid_rl.rl.trajectory import Trajectory
 
@@ -56,6 +57,20 @@ class RewardWorker:
         self.version = -1
         self.busy_s = 0.0
         self.started = time.time()
+        # The driver queues ``inflight_per_actor - 1`` items behind the running one; one slot more because the hint
+        # for the next dispatch can reach the actor just before the running item's ``run`` takes its own entry.
+        self.prefetcher = Prefetcher(cfg.cluster.inflight_per_actor) if cfg.cluster.prefetch else None
+
+    def decode(self, rec: QARecord) -> np.ndarray:
+        """The question's frames (a method so benchmarks can substitute a slowed decoder)."""
+        return read_frames(rec.video, self.cfg.data.num_frames, self.cfg.data.max_fps)
+
+    def prefetch(self, item: WorkItem) -> bool:
+        """Hint that ``item`` will run next: decode its video in the background. False if not scheduled (prefetch
+        off, cache full, or already known); the item then decodes inline in ``run``, with the same result."""
+        if self.prefetcher is None:
+            return False
+        return self.prefetcher.hint(_prefetch_key(item), lambda: self.decode(item.to_record()))
 
     def set_weights(self, flat: np.ndarray, meta: dict[str, Any], version: int) -> None:
         self.policy.load_flat_state(flat, meta)
@@ -82,7 +97,12 @@ class RewardWorker:
         try:
             rec = item.to_record()
             check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
-            frames = read_frames(rec.video, self.cfg.data.num_frames, self.cfg.data.max_fps)
+            if self.prefetcher is not None:
+                frames, prefetched, decode_s = self.prefetcher.take(_prefetch_key(item), lambda: self.decode(rec))
+            else:
+                t_dec = time.perf_counter()
+                frames, prefetched, decode_s = self.decode(rec), False, time.perf_counter() - t_dec
+            status.update(prefetched=prefetched, decode_s=decode_s, frames_wait_s=time.perf_counter() - t0)
             gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
             res = rollout_question(
                 self.adapter,
@@ -113,12 +133,20 @@ class RewardWorker:
                 timings=traj.timings,
             )
         except Exception as exc:  # the item's own failure, whatever its type (see the docstring)
+            if self.prefetcher is not None:  # e.g. a prompt over budget: its hinted frames will never be taken
+                self.prefetcher.discard(_prefetch_key(item))
             payload = b""
             status.update(status="skipped", reason=skip_reason(exc), error=_one_line(exc))
         elapsed = time.perf_counter() - t0
         self.busy_s += elapsed
         status["elapsed_s"] = elapsed
         return status, payload
+
+
+def _prefetch_key(item: WorkItem) -> tuple[int, int]:
+    # The data index names the record (and so the video); the epoch keeps a later epoch's pass over the same
+    # question from matching a stale entry.
+    return (item.index, item.epoch)
 
 
 class PromptTooLong(ValueError):

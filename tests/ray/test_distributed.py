@@ -129,8 +129,8 @@ def _kill_actor_after_submitting(monkeypatch: pytest.MonkeyPatch, index: int, re
     killed = threading.Event()
     submit = ActorPool.submit
 
-    def submit_then_kill(self: ActorPool, slot, item, handle):
-        refs = submit(self, slot, item, handle)
+    def submit_then_kill(self: ActorPool, slot, item, handle, prefetch: bool = True):
+        refs = submit(self, slot, item, handle, prefetch)
         if item["index"] == index and not killed.is_set():
             killed.set()
             ray.kill(slot.handle, no_restart=not restart)
