@@ -116,13 +116,6 @@ class QuestionMemory:
         self.iteration.append(torch.full((len(combos),), it, dtype=torch.long))
         self.rates.append(combos.rate)
 
-    def all_rewards(self) -> torch.Tensor:
-        return torch.cat(self.rewards) if self.rewards else torch.zeros(0)
-
-    def mean_reward(self) -> float:
-        r = self.all_rewards()
-        return float(r.mean()) if r.numel() else 0.0
-
 
 @dataclass
 class CompressedVideo:
