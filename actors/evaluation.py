@@ -16,7 +16,8 @@ from cacovid_rl.config import Config, from_dict
 def run_evaluation(
     cfg: Config, policy, version: int, adapter=None, progress: bool = False, samples: int = 0
 ) -> dict[str, Any]:
-    """In-process evaluation on ``cfg.data.eval_path`` (shared by the Ray task and the CLI).
+    """In-process evaluation on ``cfg.data.eval_path`` (shared by the Ray task and the CLI): the records that load
+    and fit ``model.max_prompt_tokens``, through the one evaluation loop (``cacovid_rl.eval.evaluate``).
 
     ``samples`` > 0 adds that many answered questions with their kept-token pictures (``result["samples"]``), which
     the driver logs as a wandb table."""
@@ -82,12 +83,12 @@ def _evaluation_task(cfg_dict: dict[str, Any], handle, version: int) -> dict[str
     import torch
 
     from cacovid_rl.models.loading import load_adapter
-    from cacovid_rl.rl.worker import build_policy
+    from cacovid_rl.policy.network import CacovidPolicy
 
     cfg = from_dict(cfg_dict)
     torch.set_num_threads(cfg.cluster.torch_threads)
     adapter = load_adapter(cfg.model)
-    policy = build_policy(cfg, adapter)
+    policy = CacovidPolicy.from_adapter(adapter, cfg.policy)
     policy.load_flat_state(handle.fetch(), handle.meta)
     return run_evaluation(cfg, policy, version, adapter=adapter, samples=4)
 

@@ -6,11 +6,8 @@ the weights its policy now holds and reports that checksum (``info`` and every s
 proves nothing about what the policy rolls out with (a load that silently does nothing keeps the old
 weights under the new version number).
 
-Every status and ``info()`` also carry what the actor measures of itself (wandb's system monitor runs on the driver,
-on a cluster's GPU-less head node): ``device`` (``cacovid_rl.device_stats``: peak allocated/reserved GPU memory or
-RSS, GPU and CPU utilisation), the item's ``video_tokens`` and ``kept_tokens``, and ``totals``, cumulative counters
-(items, combinations, tokens) from which ``learner/monitoring.py`` computes exact cluster-wide rates; ``pid`` and
-``actor_started`` tell a restarted actor (same id, counters back at 0) apart.
+Every status and ``info()`` carry an :class:`~cacovid_rl.rl.worker.ActorReport`, what the actor measures of itself
+(device readings, cumulative counters, sync latencies), built in one place (:meth:`RewardActor.report`).
 """
 
 from __future__ import annotations
@@ -18,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
 
+from actors.weights import WeightHandle, state_checksum
 from cacovid_rl.config import from_dict
 from cacovid_rl.device_stats import DeviceMonitor
-from cacovid_rl.rl.trajectory import Trajectory
-from cacovid_rl.rl.worker import RewardWorker, WorkItem
-from learner.weights import WeightHandle, state_checksum
+from cacovid_rl.rl.worker import ActorReport, RewardWorker, RolloutStatus, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +48,27 @@ class RewardActor:
         self.monitor = DeviceMonitor(device)
         self.totals = {"items": 0, "combos": 0, "video_tokens": 0, "kept_tokens": 0}
 
-    def info(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
-        return {
-            "node_id": ctx.get_node_id(),
-            "pid": os.getpid(),
-            "version": self.worker.version,
-            "weights_checksum": self.weights_checksum,
-            "actor_started": self.worker.started,
-            "busy_s": self.worker.busy_s,
-            "totals": dict(self.totals),
-            "device": self.monitor.info(),
-        }
+    def report(self, synced: bool = False, device: dict[str, Any] | None = None) -> ActorReport:
+        """This actor's :class:`ActorReport` now (``device``: readings already taken; default a look that does not
+        start a new ``cpu_util`` window, as ``info`` wants)."""
+        return ActorReport(
+            # Outside Ray (a test driving the actor class in-process) there is no node, and asking would start Ray.
+            node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+            pid=os.getpid(),
+            actor_started=self.worker.started,
+            version=self.worker.version,
+            weights_checksum=self.weights_checksum,
+            busy_s=self.worker.busy_s,
+            alive_s=time.time() - self.worker.started,
+            synced=synced,
+            sync_latency_s=self.sync_latency_s,
+            sync_load_s=self.sync_load_s,
+            totals=dict(self.totals),
+            device=self.monitor.info() if device is None else device,
+        )
+
+    def info(self) -> ActorReport:
+        return self.report()
 
     def sync(self, handle: WeightHandle) -> int:
         """Load ``handle`` if it is not the version already held; returns the held version."""
@@ -85,52 +91,22 @@ class RewardActor:
         return self.worker.version
 
     @ray.method(num_returns=2)
-    def run(self, item: dict[str, Any], handle: WeightHandle) -> tuple[dict[str, Any], bytes]:
+    def run(self, item: WorkItem, handle: WeightHandle) -> tuple[RolloutStatus, bytes]:
         synced_before = self.syncs
         self.sync(handle)
-        status, payload = self.worker.run(WorkItem(**item))
-        status["synced"] = self.syncs > synced_before
-        status["weights_checksum"] = self.weights_checksum
-        status["sync_latency_s"] = self.sync_latency_s
-        status["sync_load_s"] = self.sync_load_s
-        status["busy_s"] = self.worker.busy_s
-        status["alive_s"] = time.time() - self.worker.started
-        if status.get("status") == "ok":
-            video, kept = token_counts(payload)
-            status["video_tokens"], status["kept_tokens"] = video, kept
+        status, payload = self.worker.run(item)
+        if status.ok:
             self.totals["items"] += 1
-            self.totals["combos"] += int(status["combos"])
-            self.totals["video_tokens"] += video
-            self.totals["kept_tokens"] += kept
-        status["totals"] = dict(self.totals)
-        status["device"] = self.monitor.stats()
-        status["pid"] = os.getpid()
-        status["actor_started"] = self.worker.started
-        return status, payload
+            self.totals["combos"] += status.combos
+            self.totals["video_tokens"] += status.video_tokens
+            self.totals["kept_tokens"] += status.kept_tokens
+        report = self.report(synced=self.syncs > synced_before, device=self.monitor.stats())
+        return replace(status, actor=report), payload
 
-    def prefetch(self, item: dict[str, Any]) -> bool:
+    def prefetch(self, item: WorkItem) -> bool:
         """Hint: ``item`` is queued behind the running call; start decoding its video (``cacovid_rl.rl.prefetch``).
 
         Call as ``handle.prefetch.options(concurrency_group="prefetch", num_returns=0).remote(item)``: returns at
         once, and a lost hint (dead actor, cache full) only means ``run`` decodes the item itself.
         """
-        return self.worker.prefetch(WorkItem(**item))
-
-    def hang(self, seconds: float) -> None:
-        """Test hook: block this actor (simulates a hung GPU kernel)."""
-        time.sleep(seconds)
-
-
-def token_counts(payload: bytes) -> tuple[int, int]:
-    """(video tokens of the question, kept tokens summed over its combinations) of an encoded trajectory.
-
-    Read back from the payload because the worker's status does not carry them. msgpack copies the arrays once:
-    55-70 ms for a 46 MB payload (6,400 x 3,584 float16 embeddings, a 7B model's 16 frames) on a shared 2-core CPU,
-    against the seconds a 7B rollout of one question takes. Moving the counts into the worker's status would save it.
-    """
-    try:
-        traj = Trajectory.from_bytes(payload)
-        return int(traj.num_frames) * int(traj.tokens_per_frame), int(traj.keep_lengths.sum())
-    except Exception as exc:  # counting must never cost the item: the learner decodes (and judges) it again
-        log.warning("token counts of a trajectory unavailable: %s", exc)
-        return 0, 0
+        return self.worker.prefetch(item)

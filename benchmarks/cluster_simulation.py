@@ -11,12 +11,14 @@ The model is the driver's pipeline (``learner/driver.py``), event by event:
 - the learner group updates on the oldest batch once all its questions are in, strictly in order: each of ``W``
   ranks fetches its share of the payloads through its node's network, replays the optimiser steps on its
   ``ceil(Q / W)`` questions, all-reduces the gradient once per optimiser step (ring: ``2 (W-1)/W`` x gradient bytes),
-  and rank 0 publishes the new version (one put + checksum, ``learner/weights.py``);
+  and rank 0 publishes the new version (one put + checksum, ``actors/weights.py``);
 - the published version reaches the reward nodes by object-store pulls; a node that holds a copy serves others, so
   ``n`` nodes are reached after ``ceil(log2(n + 1))`` pull rounds of ``weight bytes / pull bandwidth``.
 
-With ``cores`` set (this machine), every busy process (actor or learner rank) shares that many CPU cores
-(processor sharing), which is what limits the real runs here; on a cluster each process has its own device.
+With ``cores`` set (this machine), every busy process (actor or learner rank) shares what is left of that many CPU
+cores once the processes outside the pipeline's compute have taken theirs (``reserved_cores``: other users, the driver
+and the Ray runtime, measured during each run from /proc), processor sharing, which is what limits the real runs
+here; on a cluster each process has its own device.
 
 Service times:
 - ``cpu-tiny``: measured in this run, on this machine, with the shipped tiny model and the debug recipe
@@ -26,9 +28,11 @@ Service times:
   ``actor_questions_per_s`` of section e) when ``benchmarks/results/gpu_suite.json`` exists.
 
 Validation: real ``learner.driver.train`` runs on this machine (1, 2, 4 reward actors with 1 learner; 2 actors with
-2 learners), predicted with the ``cpu-tiny`` costs and this machine's cores, compared with the measured
-questions/s. Then the sweep: 8..512 reward GPUs x 1..16 learners at 7B, with utilisations, the bottleneck, bytes/s
-into the learners, and the broadcast time to all reward nodes.
+2 learners), compared with two predictions: *a priori* (the ``cpu-tiny`` costs measured in-process at the start, the
+CPU share that measurement had, and the cores the run left to the pipeline) and *from the run* (the pipeline model
+alone, fed the per-question actor and learner times the run measured itself). Then the sweep: 8..512 reward GPUs
+x 1..16 learners at 7B, with utilisations, the bottleneck, bytes/s into the learners, and the broadcast time to all
+reward nodes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -111,10 +116,11 @@ class Setup:
     prefetch: bool = True
     cores: float | None = None
     """CPU cores shared by every busy process (this machine); None: each process has its own device."""
-    background: float = 0.0
-    """Runnable processes of other users on those cores (the load average less ours): they take their share too."""
+    reserved_cores: float = 0.0
+    """Cores of ``cores`` taken by processes outside the pipeline's compute: other users, the driver, the Ray runtime
+    (raylet, GCS, agents), measured as their CPU seconds over the run's steady window (:class:`CpuSampler`)."""
     calibration_share: float = 1.0
-    """The CPU share one process had when the costs were measured (``min(1, cores / (1 + background then))``):
+    """The CPU share the costs were measured with (CPU time / wall time of the single-threaded measuring process):
     measured times already include that slowdown, so rates are relative to it."""
     actors_per_node: int = 8
     learners_per_node: int = 8
@@ -226,7 +232,8 @@ def simulate(c: Costs, s: Setup, updates: int = 60, warmup: int = 10, seed: int 
         if s.cores is None:
             rate = 1.0
         else:
-            rate = min(1.0, s.cores / max(1e-9, procs + s.background)) / s.calibration_share
+            free = max(0.05 * s.cores, s.cores - s.reserved_cores)  # floor: a fully taken machine still runs ours
+            rate = min(1.0, free / max(1e-9, procs)) / s.calibration_share
         next_done = min(jobs.values()) / rate if jobs else math.inf
         next_wait = waits[0][0] - t if waits else math.inf
         dt = min(next_done, next_wait)
@@ -277,7 +284,8 @@ def simulate(c: Costs, s: Setup, updates: int = 60, warmup: int = 10, seed: int 
 def bottleneck(c: Costs, s: Setup, reward_util: float, learner_util: float, ut: dict[str, float]) -> str:
     """Which resource sets the pace: the one that is (nearly) always busy, or the window that starves both."""
     busy = reward_util * s.actors + learner_util * s.learners
-    if s.cores is not None and busy > 0.9 * s.cores and s.actors + s.learners > s.cores:
+    free = None if s.cores is None else max(0.05 * s.cores, s.cores - s.reserved_cores)
+    if free is not None and busy > 0.9 * free and s.actors + s.learners > free:
         return "cpu cores"
     if learner_util > 0.9:
         parts = {"fetch": "transfer into learners", "allreduce": "gradient all-reduce", "publish": "weight publish"}
@@ -292,6 +300,9 @@ def bottleneck(c: Costs, s: Setup, reward_util: float, learner_util: float, ut: 
 
 # ------------------------------------------------------------------------------------------------
 # Costs
+DRIVER_OVERHEAD_S = 0.03
+"""Per update, the driver's bookkeeping and the Ray round trips around the learner call (stated, not measured): part of
+``publish_s`` in every prediction, since the learner waits for it before the next update starts."""
 # The production models at the recipe's settings (configs/*.yaml): LLM and policy size, video tokens per question,
 # tokens kept per question at rate 0.02, vision tower FLOP per question.
 MODELS = {
@@ -366,14 +377,14 @@ def gpu_suite_costs(base: Costs, path: Path) -> Costs | None:
 
 def measure_cpu_costs(model_path: str, data: Path, overrides: list[str]) -> tuple[Costs, dict[str, Any]]:
     """The tiny model's service times on this machine, single-threaded, in this process (no Ray)."""
+    from actors.weights import publish_policy, state_checksum
     from cacovid_rl.config import load_config
     from cacovid_rl.data.records import load_records
     from cacovid_rl.data.video import read_frames
     from cacovid_rl.rl.trajectory import Trajectory
     from cacovid_rl.rl.update import PolicyUpdater
-    from cacovid_rl.rl.worker import RewardWorker, WorkItem
-    from learner.driver import DataCursor
-    from learner.weights import publish_policy, state_checksum
+    from cacovid_rl.rl.worker import RewardWorker
+    from learner.staleness import DataCursor
 
     cfg = load_config(REPO_ROOT / "configs" / "debug_local.yaml", [f"model.path={model_path}", *overrides])
     load = os.getloadavg()[0]
@@ -381,17 +392,20 @@ def measure_cpu_costs(model_path: str, data: Path, overrides: list[str]) -> tupl
     worker.version = 0
     cursor = DataCursor(load_records(data / "train.json", data).records, cfg.seed)
     reward, decode, trajs, sizes = [], [], [], []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(8):
         item = cursor.item(i, 0)
-        rec = WorkItem(**item).to_record()
+        rec = item.to_record()
         t0 = time.perf_counter()
         read_frames(rec.video, cfg.data.num_frames, cfg.data.max_fps)
         decode.append(time.perf_counter() - t0)
-        status, payload = worker.run(WorkItem(**item))
-        if status["status"] == "ok":
-            reward.append(status["elapsed_s"])
+        status, payload = worker.run(item)
+        if status.ok:
+            reward.append(status.elapsed_s)
             trajs.append(Trajectory.from_bytes(payload))
             sizes.append(len(payload))
+    # The share of a core this single-threaded measurement got on the shared machine: its times are relative to it.
+    cpu_share = min(1.0, (time.process_time() - cpu0) / (time.perf_counter() - wall0))
     policy = worker.policy
     updater = PolicyUpdater(policy, cfg.learner, cfg.loss, cfg.rollout.iterations)
     policy.bind_flat_buffer()
@@ -401,9 +415,17 @@ def measure_cpu_costs(model_path: str, data: Path, overrides: list[str]) -> tupl
     updater.update(trajs[:q], version=0)
     learner_s = (time.perf_counter() - t0) / min(q, len(trajs))
     with local_ray(num_cpus=1, object_store_mb=400):  # the put and the actor's sync, through a real object store
+        # The first put of a process sets up its object-store client (~0.35 s here): a learner pays that once, not
+        # per version, so the per-version cost is the median of the puts after it.
         t0 = time.perf_counter()
         handle = publish_policy(policy, 1)
-        publish_s = time.perf_counter() - t0
+        publish_first_s = time.perf_counter() - t0
+        puts = []
+        for v in range(2, 8):
+            t0 = time.perf_counter()
+            handle = publish_policy(policy, v)
+            puts.append(time.perf_counter() - t0)
+        publish_s = float(np.median(puts))
         t0 = time.perf_counter()
         flat = handle.fetch()
         policy.load_flat_state(flat, handle.meta)
@@ -424,7 +446,7 @@ def measure_cpu_costs(model_path: str, data: Path, overrides: list[str]) -> tupl
         grad_bytes=4.0 * n_params,
         bytes_per_question=float(np.mean(sizes)),
         weight_bytes=weight_bytes,
-        publish_s=publish_s + 0.03,  # + the driver's per-update bookkeeping and Ray round trips (stated, not measured)
+        publish_s=publish_s + DRIVER_OVERHEAD_S,
         sync_s=sync_s,
         source="measured in this run on this machine: tiny model, debug recipe, 1 torch thread, no Ray",
     )
@@ -433,12 +455,94 @@ def measure_cpu_costs(model_path: str, data: Path, overrides: list[str]) -> tupl
         "decode_samples": decode,
         "load_avg_1m": load,
         "load_avg_1m_end": os.getloadavg()[0],
+        "cpu_share": cpu_share,
+        "publish_first_s": publish_first_s,
+        "publish_samples": puts,
     }
     return costs, detail
 
 
 # ------------------------------------------------------------------------------------------------
 # Validation runs (real driver, this machine)
+class CpuSampler:
+    """Who used this machine's CPU during a real run, step by step: a thread that snapshots CPU seconds whenever the
+    run's ``metrics.jsonl`` gains a line (one line per update), so any window of updates can be measured.
+
+    Classes: ``workers`` (Ray worker processes: the reward actors and learner ranks, the pipeline's compute),
+    ``driver`` (this process: the scheduling loop), ``ray_runtime`` (every other process of this Ray session:
+    raylet, GCS, agents) and ``others`` (the machine's busy time less all of ours: other users).
+    """
+
+    def __init__(self, metrics_path: Path, poll_s: float = 0.05) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._path = metrics_path
+        self._poll_s = poll_s
+        self.snapshots: dict[int, dict[str, Any]] = {}  # metrics lines written -> snapshot taken when they appeared
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self.snapshots[0] = self._snapshot()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _snapshot(self) -> dict[str, Any]:
+        procs: dict[int, tuple[str, float]] = {}
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                if proc.pid == self._me.pid:
+                    kind = "driver"
+                else:
+                    kind = "workers" if " ".join(proc.cmdline()).startswith("ray::") else "ray_runtime"
+                procs[proc.pid] = (kind, t.user + t.system)
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
+                continue
+        m = self._psutil.cpu_times()
+        busy = sum(m) - m.idle - getattr(m, "iowait", 0.0) - getattr(m, "guest", 0.0) - getattr(m, "guest_nice", 0.0)
+        return {"t": time.perf_counter(), "machine_busy_s": busy, "procs": procs}
+
+    def _lines(self) -> int:
+        try:
+            with self._path.open("rb") as fh:
+                return fh.read().count(b"\n")
+        except OSError:
+            return 0
+
+    def _loop(self) -> None:
+        seen = 0
+        while not self._stop.wait(self._poll_s):
+            n = self._lines()
+            if n != seen:
+                seen = n
+                self.snapshots[n] = self._snapshot()
+
+    def cores(self, first_line: int, last_line: int) -> dict[str, float]:
+        """Cores each class used between the snapshots at ``first_line`` and ``last_line`` metrics lines (a process
+        that started inside the window counts from 0; one that ended inside it is left out)."""
+        keys = sorted(self.snapshots)
+        a = self.snapshots[max(k for k in keys if k <= first_line)]
+        b = self.snapshots[min((k for k in keys if k >= last_line), default=keys[-1])]
+        span = b["t"] - a["t"]
+        used = dict.fromkeys(("workers", "driver", "ray_runtime"), 0.0)
+        for pid, (kind, cpu) in b["procs"].items():
+            before = a["procs"].get(pid)
+            used[kind] += cpu - (before[1] if before and before[0] == kind else 0.0)
+        ours = sum(used.values())
+        out = {k: v / span for k, v in used.items()}
+        out["machine"] = (b["machine_busy_s"] - a["machine_busy_s"]) / span
+        out["others"] = max(0.0, out["machine"] - ours / span)
+        out["window_s"] = span
+        return out
+
+
 VALIDATION = [(1, 1), (2, 1), (4, 1), (2, 2)]
 
 
@@ -477,15 +581,24 @@ def run_real(actors: int, learners: int, model_path: str, data: Path, work: Path
         ],
     )
     load = os.getloadavg()[0]
-    with local_ray(num_cpus=actors, object_store_mb=cfg.cluster.object_store_memory_mb):
+    metrics_path = out / "metrics.jsonl"
+    with (
+        CpuSampler(metrics_path) as cpu,
+        local_ray(num_cpus=actors, object_store_mb=cfg.cluster.object_store_memory_mb),
+    ):
         train(cfg)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "timing/step" in r][warm:]
+    lines = metrics_path.read_text().splitlines()
+    numbered = [(n, json.loads(line)) for n, line in enumerate(lines, start=1)]
+    steps = [(n, r) for n, r in numbered if "timing/step" in r]
+    window_lines = (steps[warm - 1][0] if warm else 0, steps[-1][0])
+    rows = [r for _, r in steps[warm:]]
     step_s = float(sum(r["timing/step"] for r in rows))
     questions = float(sum(r.get("data/questions", 0.0) for r in rows))
-    combos = cfg.sampling.num_samples * cfg.rollout.iterations
-    per_q = [combos / r["perf/combos_per_s_per_actor"] for r in rows if r.get("perf/combos_per_s_per_actor")]
-    learner_q = [r["timing/learner_update"] / r["data/questions"] for r in rows if r.get("data/questions")]
+    # The actors' busy seconds and finished items over the window (each row: the monitor's deltas since the previous
+    # update), so the per-question time is the mean over every question of the window, not one status per row.
+    busy = sum(r.get("perf/actor_busy_mean", np.nan) * actors * r["timing/step"] for r in rows)
+    items = sum(r.get("perf/questions_per_s", np.nan) * r["timing/step"] for r in rows)
+    learner = sum(r["timing/learner_fetch"] + r["timing/learner_update"] for r in rows)
     res = {
         "actors": actors,
         "learners": learners,
@@ -493,15 +606,29 @@ def run_real(actors: int, learners: int, model_path: str, data: Path, work: Path
         "steady_updates": len(rows),
         "actor_utilisation": float(np.mean([r.get("perf/actor_utilisation", np.nan) for r in rows])),
         "learner_update_s": float(np.mean([r["timing/learner_update"] for r in rows])),
-        # The service times this run saw (other sessions' load included): the pipeline model's own inputs.
-        "run_reward_s": float(np.median(per_q)) if per_q else float("nan"),
-        "run_learner_s": float(np.median(learner_q)) if learner_q else float("nan"),
+        "learner_fetch_s": float(np.mean([r["timing/learner_fetch"] for r in rows])),
+        # The service times this run saw (other sessions' load included): the pipeline model's own inputs. The
+        # learner's fetch + update includes publishing the new version (learner_actor.py, learner_group.py).
+        "run_reward_s": busy / items if items > 0 else float("nan"),
+        "run_learner_s": learner / questions if questions > 0 else float("nan"),
         "run_sync_load_s": float(np.mean([r.get("sync/load_s", 0.0) for r in rows])),
+        "cpu_cores": cpu.cores(*window_lines),
         "load_avg_1m_start": load,
         "load_avg_1m_end": os.getloadavg()[0],
     }
     shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def from_run_costs(base: Costs, real: dict[str, Any]) -> Costs:
+    """``base`` with a real run's own service times: the pipeline model alone, no CPU-sharing model.
+
+    The run's learner time per question is the learner's fetch + update, and the update call includes publishing
+    the new version (``Learner.update``, ``LearnerWorker.update_shard``), so the publish is not added a second time:
+    only the driver's per-update overhead is."""
+    return replace(base, name="from-run", reward_s=real["run_reward_s"], decode_s=0.0, learner_s=real["run_learner_s"],
+                   sync_s=real["run_sync_load_s"], publish_s=DRIVER_OVERHEAD_S,
+                   source="the service times a real run measured itself")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,18 +676,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         for actors, learners in pairs:
             real = run_real(actors, learners, model_path, data, work, steps, warm, qps)
-            # Other sessions' processes share the cores: the load average at the start of each step less this
-            # process (the run's own processes start after it is read).
-            cal_bg = max(0.0, 0.5 * (detail["load_avg_1m"] + detail["load_avg_1m_end"]) - 1.0)
-            run_bg = max(0.0, 0.5 * (real["load_avg_1m_start"] + real["load_avg_1m_end"]) - actors - learners)
+            # What the run left to its actors and learners: the cores other users, the driver and the Ray runtime
+            # used during its steady window.
+            used = real["cpu_cores"]
+            reserved = used["others"] + used["driver"] + used["ray_runtime"]
             s = Setup(actors=actors, learners=learners, questions_per_step=qps, max_staleness=2, prefetch=False,
-                      cores=cores, background=run_bg, calibration_share=min(1.0, cores / (1.0 + cal_bg)))  # fmt: skip
-            real["background_processes"] = run_bg
+                      cores=cores, reserved_cores=reserved, calibration_share=detail["cpu_share"])  # fmt: skip
+            real["reserved_cores"] = reserved
             pred = simulate(cpu, s, updates=40, warmup=8)
-            # The pipeline model alone: this run's own measured service times, no CPU-sharing model.
-            own = replace(cpu, reward_s=real["run_reward_s"], decode_s=0.0, learner_s=real["run_learner_s"],
-                          sync_s=real["run_sync_load_s"])  # fmt: skip
-            alone = simulate(own, replace(s, cores=None), updates=40, warmup=8)
+            alone = simulate(from_run_costs(cpu, real), replace(s, cores=None), updates=40, warmup=8)
             real["predicted_from_run_questions_per_s"] = alone["questions_per_s"]
             real["error_from_run"] = alone["questions_per_s"] / real["questions_per_s"] - 1
             real["predicted_questions_per_s"] = pred["questions_per_s"]
@@ -606,9 +730,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_staleness 4, prefetch on (and off for comparison)",
     }
     notes = [
-        "Validation: predicted with costs measured in-process at the start of this run, on the same shared "
-        "machine; the real runs also pay Ray, the driver and start-up, and share the cores with other sessions "
-        f"(load average {detail['load_avg_1m']:.1f} at the measurement).",
+        "Validation: a priori = costs measured in-process at the start of this run (a "
+        f"{detail['cpu_share']:.2f}-core share, load average {detail['load_avg_1m']:.1f}) + processor sharing of the "
+        "cores the run left to its actors and learners (others, driver and Ray runtime measured from /proc over the "
+        "run's steady window); from the run = the pipeline model fed each run's own per-question actor and learner "
+        "times (learner fetch + update + publish) plus the stated driver overhead per update.",
         "7B sweep: " + gpu.source,
     ]
     out = finish(args, "cluster_simulation", config=config, results=results, notes=notes, started=started,
@@ -618,15 +744,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def production_points(c: Costs, updates: int) -> dict[str, Any]:
-    """The production configs' shapes (configs/*.yaml) before and after issue 18, simulated as shipped (no
-    prefetch: item 1 of issue 18 is not in yet) and with prefetch; LLaVA-OV-7B with ``c`` (measured when the GPU
-    suite exists), the Qwen models from FLOP counts."""
+    """The production configs' shapes (configs/*.yaml) before and after issue 18: one learner without prefetch,
+    and the shipped shape with ``cluster.prefetch`` on (its default) and off; LLaVA-OV-7B with ``c`` (measured when
+    the GPU suite exists), the Qwen models from FLOP counts."""
     shapes = {
-        "before: 32 actors, 1 learner, 8 q/step, staleness 4": Setup(32, 1, 8, 4, prefetch=False),
-        "2 learners, staleness 7": Setup(32, 2, 8, 7, prefetch=False),
-        "shipped: 32 actors, 4 learners, 8 q/step, staleness 7": Setup(32, 4, 8, 7, prefetch=False),
-        "shipped + prefetch": Setup(32, 4, 8, 7, prefetch=True),
-        "4 learners, staleness 4 (window too small)": Setup(32, 4, 8, 4, prefetch=False),
+        "before: 32 actors, 1 learner, 8 q/step, staleness 4, no prefetch": Setup(32, 1, 8, 4, prefetch=False),
+        "2 learners, staleness 7, no prefetch": Setup(32, 2, 8, 7, prefetch=False),
+        "2 learners, staleness 7, prefetch": Setup(32, 2, 8, 7, prefetch=True),
+        "shipped: 32 actors, 4 learners, 8 q/step, staleness 7, prefetch": Setup(32, 4, 8, 7, prefetch=True),
+        "shipped with cluster.prefetch=false": Setup(32, 4, 8, 7, prefetch=False),
+        "4 learners, staleness 4 (window too small), prefetch": Setup(32, 4, 8, 4, prefetch=True),
     }
     out: dict[str, Any] = {}
     for model, costs in (("llava-ov-7b", c), ("qwen2.5-vl-7b", None), ("qwen2.5-vl-3b", None)):
@@ -639,18 +766,41 @@ def production_points(c: Costs, updates: int) -> dict[str, Any]:
 def markdown(payload: dict[str, Any]) -> str:
     res, m = payload["results"], payload["machine"]
     lines = [f"# Cluster simulation ({describe_device(m)}; `{payload['command']}`)", ""]
+    cpu, detail = res["costs"]["cpu-tiny"], res["cpu_detail"]
     lines += ["## Validation against real runs on this machine (tiny model, debug recipe)", "",
-              "a priori = costs measured in-process at the start + CPU sharing with the other sessions' load "
-              "(load average); from the run = the pipeline model fed the service times this run measured itself.", "",
+              f"a priori = costs measured in-process at the start ({cpu['reward_s'] * 1e3:.0f} ms scoring + "
+              f"{cpu['decode_s'] * 1e3:.0f} ms decode per question, learner {cpu['learner_s'] * 1e3:.0f} ms per "
+              f"question, publish {cpu['publish_s'] * 1e3:.0f} ms per update incl. {DRIVER_OVERHEAD_S * 1e3:.0f} ms "
+              f"stated driver overhead; measured with a {detail['cpu_share']:.2f}-core share) + processor sharing of "
+              f"the cores the run left to its actors and learners ({m.get('cores_usable', m['cores'])} less what other "
+              "users, the driver and the Ray runtime used over the run's steady window, from /proc); from the run = "
+              "the pipeline model alone, fed the run's own mean per-question actor time (busy seconds / items) and "
+              f"learner time (fetch + update + publish, per question) + {DRIVER_OVERHEAD_S * 1e3:.0f} ms per update.",
+              "",
               "| actors | learners | measured q/s | a priori q/s (error) | from the run q/s (error) | "
-              "predicted bottleneck | load avg |",
-              "| ---: | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+              "predicted bottleneck | run: actor s/q, learner s/q | cores used: workers / others / driver / Ray "
+              "runtime | load avg |",
+              "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
     for v in res["validation"]:
+        c = v.get("cpu_cores", {})
+        cores = " / ".join(f"{c.get(k, float('nan')):.2f}" for k in ("workers", "others", "driver", "ray_runtime"))
         lines.append(
             f"| {v['actors']} | {v['learners']} | {v['questions_per_s']:.2f} | {v['predicted_questions_per_s']:.2f} "
             f"({v['error']:+.0%}) | {v['predicted_from_run_questions_per_s']:.2f} ({v['error_from_run']:+.0%}) | "
-            f"{v['predicted_bottleneck']} | {v['load_avg_1m_start']:.1f} |"
+            f"{v['predicted_bottleneck']} | {v['run_reward_s']:.3f}, {v['run_learner_s']:.3f} | {cores} | "
+            f"{v['load_avg_1m_start']:.1f} |"
         )
+    util = ", ".join(f"{v['actor_utilisation']:.0%}" for v in res["validation"])
+    lines += ["", "The learner's logged update time includes publishing the new version (`Learner.update`, "
+              "`LearnerWorker.update_shard`), so the from-the-run prediction counts the publish once, inside the "
+              "learner's time. It starts an actor's next question the moment the previous one ends; the real actors "
+              f"also wait for the driver's next dispatch (their utilisation in these runs: {util}), a wait the model "
+              "leaves out and one reason it predicts high."]  # fmt: skip
+    if "publish_first_s" in detail:
+        first, later = detail["publish_first_s"] * 1e3, float(np.median(detail["publish_samples"])) * 1e3
+        lines += ["", f"Publish: the first put of the measuring process took {first:.0f} ms (object-store client "
+                  f"set-up, paid once per learner), the next ones {later:.1f} ms (median): the per-update cost is the "
+                  "latter."]  # fmt: skip
     lines += ["", f"## 7B sweep ({res['sweep_costs']}, prefetch on): questions/s, reward / learner utilisation, "
               "bottleneck", "", "| reward GPUs | " + " | ".join(f"{w} learner(s)" for w in LEARNERS) + " |",
               "| ---: |" + " --- |" * len(LEARNERS)]  # fmt: skip
@@ -701,8 +851,9 @@ SERIES = {
     "reward / learner utilisation (middle)": "busy fraction of the reward devices (solid) and of the learner group "
     "(dashed), same runs",
     "measured / predicted (right)": "real learner.driver.train runs on this machine (tiny model); predicted a "
-    "priori: from costs measured in-process at the start and CPU sharing with the other sessions' load; predicted "
-    "from the run's service times: the pipeline model fed the per-question times each run measured itself",
+    "priori: from costs measured in-process at the start, shared over the cores the run left to its actors and "
+    "learners (others, driver and Ray runtime measured from /proc); predicted from the run's service times: the "
+    "pipeline model fed the per-question actor and learner (incl. publish) times each run measured itself",
 }
 
 

@@ -3,7 +3,7 @@
 What is measured (issue 7 #4, issue 5, issue 18 #4), per (policy size, number of actors), for two learner paths
 compared side by side in one run (interleaved per repeat, order rotated):
 
-- ``bound`` (the library's path, ``learner.weights.publish_policy``): the learner's policy keeps its weights as views
+- ``bound`` (the library's path, ``actors.weights.publish_policy``): the learner's policy keeps its weights as views
   into one flat buffer (``CacovidPolicy.bind_flat_buffer``), so a version is ONE ``ray.put`` of memory that already
   exists + its checksum;
 - ``flatten`` (the path before issue 18): ``CacovidPolicy.flat_state`` copies the parameters into a fresh buffer,
@@ -11,11 +11,11 @@ compared side by side in one run (interleaved per repeat, order rotated):
 
 Every actor then runs the library's ``RewardActor.sync``: ``WeightHandle.fetch`` (zero-copy object-store read +
 XXH3-128 verify), ``load_flat_state`` (one copy into its policy, which binds itself on its first load) and
-``learner.weights.state_checksum`` of what its policy now holds (the proof the actor reports), all included.
+``actors.weights.state_checksum`` of what its policy now holds (the proof the actor reports), all included.
 Reported: ``to_all_s`` (from the start of the learner's publish, flatten included where there is one, to the moment
 the LAST actor holds the new version: actor-side timestamps, one machine, one clock) and its parts ``flatten_s``
 (``bound``: getting the live buffer), ``put_checksum_s``, ``fanout_s``, ``actor_load_s`` (per actor); the library's
-``sync_latency_s``; untimed side measurements: one ``learner.weights.checksum`` of the buffer (``crc32_checksum_s``,
+``sync_latency_s``; untimed side measurements: one ``actors.weights.checksum`` of the buffer (``crc32_checksum_s``,
 a legacy key name: it is XXH3-128 now) and ``xxh3_128_s``; and one actor's sync split into fetch + verify, load and
 state checksum (``actor_breakdown``).
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from actors.reward_actor import RewardActor
+from actors.weights import WeightHandle, checksum, publish_policy, state_checksum
 from benchmarks.common import (
     Stats,
     annotate,
@@ -60,7 +61,6 @@ from benchmarks.common import (
 )
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.worker import RewardWorker
-from learner.weights import WeightHandle, checksum, publish_policy, state_checksum
 
 
 def build_policy(size: str, model_path: str) -> CacovidPolicy:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "to_all_s = learner (flatten +) put + checksum + the slowest actor's fetch/verify/load/state checksum "
         "(actors idle). 'actors' = the bound path (the library's); 'before_flatten' = the flatten-first path.",
         "sync_latency_s is the library's metric (starts at handle.published_at, i.e. after put + checksum).",
-        "crc32_checksum_s is a legacy key: the checksum is XXH3-128 (learner.weights.checksum), same as xxh3_128_s.",
+        "crc32_checksum_s is a legacy key: the checksum is XXH3-128 (actors.weights.checksum), same as xxh3_128_s.",
     ]
     out = finish(args, "weight_broadcast", config=config, results=results, notes=notes, started=started, argv=argv,
                  report=report, plot=plot)  # fmt: skip

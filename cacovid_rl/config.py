@@ -16,6 +16,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -229,8 +230,8 @@ class LearnerConfig:
     skip_no_signal_steps: bool = True
     """Skip the optimiser step of an iteration whose advantages are all exactly 0 (every optimised mode's rewards
     equal in every question of the batch, KL off); the LR schedule still advances. The official trainer steps
-    anyway, so AdamW moves the weights on stale momentum and weight decay alone, which made a one-question bandit
-    drift away from a learned solution once its rewards stopped varying. ``false`` steps as the official does."""
+    anyway, so AdamW moves the weights on stale momentum and weight decay alone, which moves a one-question bandit
+    away from a learned solution once its rewards stop varying. ``false`` steps as the official does."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted after each save."""
     num_learners: int = 1
@@ -438,6 +439,56 @@ def _yaml_literal(value: Any) -> str:
     return yaml.safe_dump(_to_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def _coerce_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+    return value
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    # NaN passes every `x > 0` check by failing none of the `<` ones, and inf makes a schedule or loss NaN later.
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member type ``value`` fits, in declaration order."""
+    for arg in typing.get_args(tp):
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"config key '{key}' has invalid value {value!r}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type, converting only where YAML is ambiguous."""
     origin = typing.get_origin(tp)
@@ -455,37 +506,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = typing.get_args(tp)[0]
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}' has invalid value {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        # NaN passes every `x > 0` check by failing none of the `<` ones, and inf makes a schedule or loss NaN later.
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        return str(value)
-    return value
+        return _coerce_union(value, tp, key)
+    scalar = _SCALARS.get(tp)
+    return scalar(value, key) if scalar is not None else value
 
 
 def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:

@@ -21,7 +21,6 @@ from cacovid_rl.models.base import VideoLLMAdapter
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.policy.selection import select_tokens
-from cacovid_rl.types import EncodedQuestion, PolicyScores
 
 
 @dataclass
@@ -99,12 +98,6 @@ class CacovidPruner:
         if next(self.policy.parameters()).device != device:
             self.policy.to(device)
         return self.policy
-
-    @torch.no_grad()
-    def select(self, enc: EncodedQuestion, retention: float) -> tuple[torch.Tensor, PolicyScores]:
-        """Kept video tokens ``[B]`` of an encoded question at ``retention``, and the policy scores."""
-        scores = self._policy_on(enc.inputs_embeds.device).score(enc)
-        return select_tokens(scores, retention, self.imp_ratio), scores
 
     @torch.no_grad()
     def answer(

@@ -9,7 +9,10 @@ rank 0 publishes the whole policy.
 
 Checkpoints stay pickle-free: the policy goes to safetensors as with the torch backend, and the
 ZeRO optimizer is saved as its two real pieces of state, the base AdamW state and the fp32 master
-partitions, which are restored in place (see :meth:`DeepSpeedPolicyUpdater.optimizer_state`).
+partitions, which are restored in place (see :meth:`DeepSpeedBackend.state_dict`).
+
+The method (which optimiser steps, on which samples) stays :class:`cacovid_rl.rl.update.PolicyUpdater`'s; this
+module only supplies the step as an :class:`cacovid_rl.rl.update.OptimizerBackend`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from cacovid_rl.config import LearnerConfig, LossConfig
-from cacovid_rl.rl.update import PolicyUpdater, lr_lambda
+from cacovid_rl.rl.update import GradientSync, PolicyUpdater, lr_lambda
 
 
 def _free_port() -> int:
@@ -49,10 +52,12 @@ def ds_config(cfg: LearnerConfig, device: str) -> dict[str, Any]:
     }
 
 
-class DeepSpeedPolicyUpdater(PolicyUpdater):
-    def __init__(
-        self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
-    ) -> None:
+class DeepSpeedBackend:
+    """The DeepSpeed engine as an ``OptimizerBackend``: AdamW (``torch_adam``) with ZeRO stage 0-2 over the default
+    process group, the learner's LR schedule, gradient clipping inside the engine."""
+
+    def __init__(self, policy: torch.nn.Module, learner: LearnerConfig, iterations: int, device: str) -> None:
+        """``policy`` must already be on ``device``; the engine steps it in place (``engine.module`` is ``policy``)."""
         if learner.zero_stage > 2:
             raise ValueError(
                 f"learner.zero_stage={learner.zero_stage}: every learner rank holds (and rank 0 publishes) the whole "
@@ -62,12 +67,11 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
         import deepspeed
         import deepspeed.ops
 
-        # One learner process never communicates: skip DeepSpeed's shared-memory allreduce op, whose
-        # JIT build costs about a minute on CPU and is unused at world size 1.
+        # Skip DeepSpeed's shared-memory allreduce op: its JIT build costs about a minute on CPU, it is unused at
+        # world size 1, and a learner group reduces over the process group it already has.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
-        policy = policy.to(device)
         groups = policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay)
         schedule = lr_lambda(learner, learner.total_steps * iterations, iterations)
         engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -77,31 +81,35 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.engine = engine
-        self.policy = engine.module
-        self.cfg = learner
-        self.loss_cfg = loss
-        self.iterations = iterations
-        self.device = device
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.optimizer_steps = 0
 
-    def _step(self, loss: torch.Tensor) -> float:
-        # In a learner group (``sync`` set) DeepSpeed averages the ranks' gradients where the torch updater sums
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor, sync: GradientSync | None) -> float:
+        # In a learner group (``sync`` set) DeepSpeed averages the ranks' gradients where the torch backend sums
         # them; each rank's loss is its share of the batch mean, so scaling by the world size restores the sum.
-        self.engine.backward(loss * (self.sync.world_size if self.sync is not None else 1))
+        self.engine.backward(loss * (sync.world_size if sync is not None else 1))
         self.engine.step()  # clips to gradient_clipping, steps the optimizer and the LR schedule
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def optimizer_state(self) -> dict:
+    def skip(self) -> None:
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def state_dict(self) -> dict:
         opt = self.optimizer
         partitions = getattr(opt, "single_partition_of_fp32_groups", None)
         if partitions is None:  # ZeRO stage 0: a plain torch optimizer
             return {"base": opt.state_dict()}
         return {"base": opt.optimizer.state_dict(), "fp32_partitions": list(partitions)}
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         opt = self.optimizer
         partitions = getattr(opt, "single_partition_of_fp32_groups", None)
         if partitions is None:
@@ -114,3 +122,15 @@ class DeepSpeedPolicyUpdater(PolicyUpdater):
         # Push the restored fp32 masters into the (possibly bf16) model weights.
         for i in range(len(partitions)):
             opt._update_model_bit16_weights(i)
+
+
+# Named like a class: callers build an updater with it exactly as they build ``PolicyUpdater``.
+def DeepSpeedPolicyUpdater(
+    policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
+) -> PolicyUpdater:
+    """A :class:`PolicyUpdater` whose optimisation step is a :class:`DeepSpeedBackend` (``learner.backend:
+    deepspeed``); the same arguments as ``PolicyUpdater``."""
+    policy = policy.to(device)
+    return PolicyUpdater(
+        policy, learner, loss, iterations, device, backend=DeepSpeedBackend(policy, learner, iterations, device)
+    )

@@ -18,7 +18,7 @@ GPU-less head node, so nothing else records the learner's GPU.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,35 @@ import ray
 import torch
 from ray.exceptions import ObjectLostError
 
+from actors.weights import WeightHandle, publish_policy, state_checksum
 from cacovid_rl.config import Config, from_dict
 from cacovid_rl.device_stats import DeviceMonitor
 from cacovid_rl.models.loading import load_adapter
+from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import GradientSync, PolicyUpdater
-from cacovid_rl.rl.worker import build_policy
+from cacovid_rl.rl.worker import RolloutStatus
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.monitoring import learner_metrics
-from learner.weights import WeightHandle, publish_policy
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one ``update`` call did (the learner -> driver message).
+
+    Applied: the learner is now at ``version`` (the batch's version + 1), ``handle`` publishes it and ``metrics`` are
+    the update's. Not applied (``lost`` non-empty): trajectories at these positions of the batch were lost with their
+    node, nothing was updated and ``version`` is unchanged; the driver rolls those questions out again and resubmits.
+    """
+
+    version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    handle: WeightHandle | None = None
+    lost: tuple[int, ...] = ()
+
+    @property
+    def applied(self) -> bool:
+        return not self.lost
 
 
 def make_updater(policy, cfg: Config) -> PolicyUpdater:
@@ -95,7 +115,7 @@ class Learner:
         torch.manual_seed(cfg.seed)
         # The LLM is loaded once, only to copy its layer 0 into the policy; it is freed right away.
         adapter = load_adapter(replace(cfg.model, device=cfg.learner.device))
-        policy = build_policy(cfg, adapter)
+        policy = CacovidPolicy.from_adapter(adapter, cfg.policy)
         del adapter
         self.updater = make_updater(policy, cfg)
         self.updater.sync = sync
@@ -167,17 +187,16 @@ class Learner:
         return dict(self.driver_state)
 
     # -- update --------------------------------------------------------------------------------
-    def update(self, statuses: list[dict[str, Any]], payload_refs: list[ray.ObjectRef]) -> dict[str, Any]:
+    def update(self, statuses: list[RolloutStatus], payload_refs: list[ray.ObjectRef]) -> UpdateResult:
         """One policy update on one batch of questions (ordered by data index); bumps the version.
 
-        If a trajectory cannot be fetched (its object lived on a node that has since left the cluster),
-        nothing is updated: the positions of the lost payloads come back as ``{"lost": [...]}`` so the
-        driver re-dispatches those questions and submits the batch again.
+        If a trajectory cannot be fetched (its object lived on a node that has since left the cluster), nothing is
+        updated and the result names the lost positions (see :class:`UpdateResult`).
         """
         t0 = time.perf_counter()
         payloads, lost = fetch_payloads(payload_refs)
         if lost:
-            return {"lost": lost, "version": self.version}
+            return UpdateResult(self.version, lost=tuple(lost))
         trajs = [Trajectory.from_bytes(p) for p in payloads]
         fresh = [t for t in trajs if self.version - t.weight_version <= self.cfg.learner.max_staleness]
         t1 = time.perf_counter()
@@ -193,7 +212,7 @@ class Learner:
             }
         )
         metrics.update(self.device_metrics(time.perf_counter() - t0, sum(t.num_samples for t in fresh)))
-        return {"metrics": metrics, "handle": self.publish(), "version": self.version}
+        return UpdateResult(self.version, metrics, self.publish())
 
     def device_metrics(self, busy_s: float, combos: int) -> dict[str, float]:
         """This learner's memory, utilisation and throughput after an update that took ``busy_s`` and trained on
@@ -231,6 +250,4 @@ class Learner:
         """The checksum of the current version's weights (what every actor verifies against)."""
         if self.publishes:
             return self.handles[self.version].checksum
-        from learner.weights import state_checksum
-
         return state_checksum(self.updater.policy)

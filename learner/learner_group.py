@@ -17,7 +17,7 @@ Roles: :class:`LearnerGroup` is a small coordinator actor with exactly the metho
 the driver calls (``resume_state``, ``publish_recent``, ``publish``, ``update``, ``save``, ``save_policy``,
 ``weights_checksum``), so the driver only chooses which to start (:func:`spawn_learner`). It owns ``W``
 :class:`LearnerWorker` actors, placed like the single learner (``learner.placement_resource`` + 1 GPU each). Rank 0
-alone publishes each weight version (one put) and writes checkpoints (atomic, as before; with ZeRO 1/2 it writes
+alone publishes each weight version (one put) and writes checkpoints (atomically; with ZeRO 1/2 it writes
 every rank's optimizer partition, gathered first), and every rank resumes from the same checkpoint.
 
 A learner worker that dies (node lost, OOM, killed) ends the run: the update in flight fails with
@@ -36,6 +36,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,10 +46,11 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors.weights import WeightHandle, state_checksum
 from cacovid_rl.config import Config, from_dict
 from cacovid_rl.rl.trajectory import Trajectory
-from learner.learner_actor import Learner, fetch_payloads
-from learner.weights import WeightHandle, state_checksum
+from cacovid_rl.rl.worker import RolloutStatus
+from learner.learner_actor import Learner, UpdateResult, fetch_payloads
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,33 @@ SHARED_METRICS = frozenset({"policy/grad_norm", "learner/lr", "learner/optimizer
 
 class LearnerGroupError(RuntimeError):
     """A learner rank failed; the group is unusable (resume from the newest checkpoint)."""
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """A rank's share of the batch-wide sums behind the logged rewards, rates, staleness and bytes."""
+
+    trajs: int = 0
+    rewards_n: float = 0.0
+    rewards_sum: float = 0.0
+    rewards_sumsq: float = 0.0
+    rate_sum: float = 0.0
+    staleness: list[int] = field(default_factory=list)
+    bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """One rank's part of an update (rank -> coordinator); ``lost`` non-empty: no rank updated."""
+
+    version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    handle: WeightHandle | None = None
+    fresh: int = 0
+    share: BatchShare = field(default_factory=BatchShare)
+    fetch_s: float = 0.0
+    update_s: float = 0.0
+    lost: tuple[int, ...] = ()
 
 
 class TorchGradientSync:
@@ -178,9 +208,7 @@ class LearnerWorker:
         """The checksum of the weights this rank holds (every rank must agree with rank 0)."""
         return state_checksum(self.learner.updater.policy)
 
-    def update_shard(
-        self, statuses: list[dict[str, Any]], payload_refs: list[ray.ObjectRef], total: int
-    ) -> dict[str, Any]:
+    def update_shard(self, payload_refs: list[ray.ObjectRef], total: int) -> ShardResult:
         """This rank's share of one update: fetch its payloads, take the group's optimiser steps, bump the version.
 
         ``total``: fresh trajectories in the whole batch. If any rank lost a payload, no rank updates (they agree
@@ -191,7 +219,7 @@ class LearnerWorker:
         t0 = time.perf_counter()
         payloads, lost = fetch_payloads(payload_refs)
         if sync.all_reduce(torch.tensor([float(len(lost))]), "max")[0] > 0:
-            return {"lost": lost, "version": learner.version}
+            return ShardResult(learner.version, lost=tuple(lost))
         trajs = [Trajectory.from_bytes(p) for p in payloads]
         fresh = [t for t in trajs if learner.version - t.weight_version <= self.cfg.learner.max_staleness]
         t1 = time.perf_counter()
@@ -201,65 +229,68 @@ class LearnerWorker:
         learner.version += 1
         learner._remember(learner.version)
         rewards = np.concatenate([t.rewards for t in trajs]).astype(np.float64) if trajs else np.zeros(0)
-        return {
-            "metrics": metrics,
-            "version": learner.version,
-            "handle": learner.publish() if learner.publishes else None,
-            "fresh": len(fresh),
-            "partial": {
-                "trajs": len(trajs),
-                "rewards_n": float(rewards.size),
-                "rewards_sum": float(rewards.sum()),
-                "rewards_sumsq": float((rewards**2).sum()),
-                "rate_sum": float(sum(t.rates.mean() for t in trajs)),
-                "staleness": [learner.version - 1 - t.weight_version for t in trajs],
-                "bytes": float(sum(len(p) for p in payloads)),
-            },
-            "timing": {"fetch": t1 - t0, "update": time.perf_counter() - t1},
-        }
+        share = BatchShare(
+            trajs=len(trajs),
+            rewards_n=float(rewards.size),
+            rewards_sum=float(rewards.sum()),
+            rewards_sumsq=float((rewards**2).sum()),
+            rate_sum=float(sum(t.rates.mean() for t in trajs)),
+            staleness=[learner.version - 1 - t.weight_version for t in trajs],
+            bytes=float(sum(len(p) for p in payloads)),
+        )
+        return ShardResult(
+            version=learner.version,
+            metrics=metrics,
+            handle=learner.publish() if learner.publishes else None,
+            fresh=len(fresh),
+            share=share,
+            fetch_s=t1 - t0,
+            update_s=time.perf_counter() - t1,
+        )
 
 
-def shard_batch(statuses: list[dict[str, Any]], version: int, max_staleness: int, world: int) -> list[list[int]]:
-    """Positions of the batch for each rank: the fresh trajectories (the ones that train) split into contiguous,
-    near-equal runs (rank 0 first, so rank 0 holds some whenever any rank does), the stale ones dealt round-robin
-    (they only add to the logged reward and staleness figures)."""
-    fresh = [i for i, s in enumerate(statuses) if version - int(s["weight_version"]) <= max_staleness]
-    stale = [i for i, s in enumerate(statuses) if version - int(s["weight_version"]) > max_staleness]
+def shard_batch(weight_versions: Sequence[int], version: int, max_staleness: int, world: int) -> list[list[int]]:
+    """Positions of a batch for each rank, given the weight version each question was rolled out with: the fresh
+    trajectories (the ones that train) split into contiguous, near-equal runs (rank 0 first, so rank 0 holds some
+    whenever any rank does), the stale ones dealt round-robin (they only add to the logged reward and staleness
+    figures)."""
+    fresh = [i for i, v in enumerate(weight_versions) if version - v <= max_staleness]
+    stale = [i for i, v in enumerate(weight_versions) if version - v > max_staleness]
     shards = [list(map(int, part)) for part in np.array_split(np.asarray(fresh, dtype=np.int64), world)]
     for k, i in enumerate(stale):
         shards[k % world].append(i)
     return [sorted(s) for s in shards]
 
 
-def combine_metrics(results: list[dict[str, Any]], total: int) -> dict[str, float]:
+def combine_metrics(results: list[ShardResult], total: int) -> dict[str, float]:
     """The single learner's metrics from the ranks' shares (see :data:`SHARED_METRICS`)."""
     out: dict[str, float] = {}
-    with_data = [r for r in results if r["fresh"] > 0]
-    for r in with_data:
-        for k, v in r["metrics"].items():
+    for r in results:
+        if r.fresh == 0:
+            continue
+        for k, v in r.metrics.items():
             if k in SHARED_METRICS:
                 out.setdefault(k, v)
             elif not (isinstance(v, float) and math.isnan(v)):
                 out[k] = out.get(k, 0.0) + v
-    parts = [r["partial"] for r in results]
-    n = sum(p["rewards_n"] for p in parts)
-    mean = sum(p["rewards_sum"] for p in parts) / n if n else float("nan")
-    var = sum(p["rewards_sumsq"] for p in parts) / n - mean**2 if n else float("nan")
-    trajs = sum(p["trajs"] for p in parts)
-    staleness = [s for p in parts for s in p["staleness"]]
-    fetch = max(r["timing"]["fetch"] for r in results)
-    update = max(r["timing"]["update"] for r in results)
+    parts = [r.share for r in results]
+    n = sum(p.rewards_n for p in parts)
+    mean = sum(p.rewards_sum for p in parts) / n if n else float("nan")
+    var = sum(p.rewards_sumsq for p in parts) / n - mean**2 if n else float("nan")
+    trajs = sum(p.trajs for p in parts)
+    staleness = [s for p in parts for s in p.staleness]
+    update = max(r.update_s for r in results)
     out.update(
         {
             "reward/mean": float(mean),
             "reward/std": float(math.sqrt(max(var, 0.0))) if n else float("nan"),
-            "rollout/rate_mean": sum(p["rate_sum"] for p in parts) / trajs if trajs else float("nan"),
+            "rollout/rate_mean": sum(p.rate_sum for p in parts) / trajs if trajs else float("nan"),
             "policy/staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
             "policy/staleness_max": float(max(staleness, default=0)),
             "data/dropped_stale": float(trajs - total),
             "data/questions": float(total),
-            "transfer/bytes_per_question": sum(p["bytes"] for p in parts) / trajs if trajs else 0.0,
-            "timing/learner_fetch": fetch,
+            "transfer/bytes_per_question": sum(p.bytes for p in parts) / trajs if trajs else 0.0,
+            "timing/learner_fetch": max(r.fetch_s for r in results),
             "timing/learner_update": update,
             "learner/questions_per_s": total / max(1e-9, update),
             "learner/num_learners": float(len(results)),
@@ -343,23 +374,25 @@ class LearnerGroup:
     def publish(self) -> WeightHandle:
         return self._rank0("publish")
 
-    def update(self, statuses: list[dict[str, Any]], payload_refs: list[ray.ObjectRef]) -> dict[str, Any]:
+    def update(self, statuses: list[RolloutStatus], payload_refs: list[ray.ObjectRef]) -> UpdateResult:
         """One policy update of the whole group on one batch (see ``Learner.update``); rank 0's handle."""
-        shards = shard_batch(statuses, self.version, self.cfg.learner.max_staleness, self.world)
-        total = sum(1 for s in statuses if self.version - int(s["weight_version"]) <= self.cfg.learner.max_staleness)
+        lag = self.cfg.learner.max_staleness
+        versions = [s.weight_version for s in statuses]
+        shards = shard_batch(versions, self.version, lag, self.world)
+        total = sum(1 for v in versions if self.version - v <= lag)
         refs = [
-            w.update_shard.remote([statuses[i] for i in shard], [payload_refs[i] for i in shard], total)
+            w.update_shard.remote([payload_refs[i] for i in shard], total)
             for w, shard in zip(self.workers, shards, strict=True)
         ]
-        results = self._gather(refs, "update", self.cfg.cluster.call_timeout_s)
-        if any("lost" in r for r in results):
-            lost = sorted(shard[p] for r, shard in zip(results, shards, strict=True) for p in r.get("lost", []))
-            return {"lost": lost, "version": self.version}
-        if len({r["version"] for r in results}) != 1:
+        results: list[ShardResult] = self._gather(refs, "update", self.cfg.cluster.call_timeout_s)
+        if any(r.lost for r in results):
+            lost = sorted(shard[p] for r, shard in zip(results, shards, strict=True) for p in r.lost)
+            return UpdateResult(self.version, lost=tuple(lost))
+        if len({r.version for r in results}) != 1:
             self._abort()
-            raise LearnerGroupError(f"learner ranks disagree on the version: {[r['version'] for r in results]}")
-        self.version = int(results[0]["version"])
-        return {"metrics": combine_metrics(results, total), "handle": results[0]["handle"], "version": self.version}
+            raise LearnerGroupError(f"learner ranks disagree on the version: {[r.version for r in results]}")
+        self.version = results[0].version
+        return UpdateResult(self.version, combine_metrics(results, total), results[0].handle)
 
     def save(self, root: str, driver_state: dict[str, Any]) -> str:
         """Rank 0 writes the checkpoint (atomically); with ZeRO 1/2 every rank's optimizer partition goes in it."""

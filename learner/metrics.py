@@ -10,10 +10,13 @@ run into a directory that holds metrics keeps them as ``metrics.jsonl.prev<N>`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,32 @@ from cacovid_rl.config import Config
 
 log = logging.getLogger(__name__)
 STEP_KEY = "update"
+
+
+class StageTimer:
+    """Wall time per named stage, summed until :meth:`take` (``with timer("update"): ...``).
+
+    The driver takes the sums once per update, so ``timing/<stage>`` is the time the loop spent in that stage since
+    the previous update, over however many turns of the loop that took.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._sums: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._sums[stage] = self._sums.get(stage, 0.0) + self._clock() - t0
+
+    def take(self) -> dict[str, float]:
+        """``{"timing/<stage>": seconds}`` since the last take (a stage still open counts at its end, in the next)."""
+        out = {f"timing/{k}": v for k, v in self._sums.items()}
+        self._sums = {}
+        return out
 
 
 def cut_metrics(path: Path, step: int) -> int:

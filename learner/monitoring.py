@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from cacovid_rl.rl.worker import ActorReport, RolloutStatus
+
 log = logging.getLogger(__name__)
 
-# The cumulative counters every reward actor's status carries (``status["totals"]``, actors/reward_actor.py).
+# The cumulative counters every reward actor reports (``ActorReport.totals``, actors/reward_actor.py).
 _COUNTERS = ("items", "combos", "video_tokens", "kept_tokens")
 
 
@@ -40,11 +42,6 @@ class _Seen:
     incarnation: tuple[Any, ...]
     totals: dict[str, float]
     busy_s: float
-
-
-def _incarnation(status: Mapping[str, Any]) -> tuple[Any, ...]:
-    # A restarted actor keeps its actor id but starts its counters at 0 in a new process.
-    return (status.get("pid"), status.get("actor_started"))
 
 
 def _spread(out: dict[str, float], prefix: str, values: Sequence[float | None]) -> None:
@@ -60,7 +57,7 @@ class ClusterMonitor:
 
     Stateful: it keeps each actor's counters from the previous call, so rates cover exactly the work finished
     between two calls (``dt`` seconds of wall clock). The driver makes one before its loop and calls
-    :meth:`metrics` where it used to call ``_actor_metrics``.
+    :meth:`metrics` at every update.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,82 +66,80 @@ class ClusterMonitor:
         self._seen: dict[str, _Seen] = {}
 
     def metrics(
-        self, stats: Mapping[str, Mapping[str, Any]], live: Collection[str] | None = None, dt: float | None = None
+        self, stats: Mapping[str, RolloutStatus], live: Collection[str] | None = None, dt: float | None = None
     ) -> dict[str, float]:
         """Metrics from ``stats`` (actor id -> its latest status). ``live``: the ids of the actors in the pool now
         (the rest are removed actors whose last status would otherwise count as a stalled actor); ``dt``: the
         window in seconds (default: the clock since the previous call; on the first call at most the longest time
-        an actor has been up, so the start-up wait does not dilute the first rates)."""
+        an actor has been up, so the start-up wait does not dilute the first rates). Statuses without an actor's
+        report (not from a reward actor) are left out."""
         now = self._clock()
         dt = now - self._last if dt is None else dt
         self._last = now
         if not stats:
             return {}
-        first = not self._seen
-        ids = [a for a in stats if live is None or a in live]
-        if first:
+        live_stats = [s for a, s in stats.items() if (live is None or a in live) and s.actor is not None]
+        if not live_stats:
+            return {"perf/actors_reporting": 0.0}
+        reports = [s.actor for s in live_stats if s.actor is not None]
+        if not self._seen:
             # The first window would include the actors' model loading (nothing finishes then); their ``alive_s``
             # (time since the actor became ready, at its latest status) bounds the time they could work.
-            alive = [float(stats[a]["alive_s"]) for a in ids if stats[a].get("alive_s", 0) > 0]
+            alive = [r.alive_s for r in reports if r.alive_s > 0]
             dt = min(dt, max(alive)) if alive else dt
         window = max(dt, 1e-9)
-        if not ids:
-            return {"perf/actors_reporting": 0.0}
-        out = legacy_actor_metrics([stats[a] for a in ids])
-        deltas: dict[str, dict[str, float]] = {}
-        for aid in ids:
-            s = stats[aid]
-            totals = s.get("totals")
-            if not isinstance(totals, Mapping):
-                continue  # an actor that does not count (an older actor version): no rates for it
-            cur = {k: float(totals.get(k, 0.0)) for k in _COUNTERS}
-            busy_s = float(s.get("busy_s", 0.0))
-            prev = self._seen.get(aid)
-            inc = _incarnation(s)
-            if prev is None or prev.incarnation != inc or any(cur[k] < prev.totals[k] for k in _COUNTERS):
-                # First sight of this actor, or a new process under the same id: all of its work is new.
-                prev = _Seen(inc, dict.fromkeys(_COUNTERS, 0.0), 0.0)
-            d = {k: cur[k] - prev.totals[k] for k in _COUNTERS}
-            d["busy_s"] = max(0.0, busy_s - prev.busy_s)
-            deltas[aid] = d
-            self._seen[aid] = _Seen(inc, cur, busy_s)
-        if deltas:
-            out["perf/combos_per_s"] = sum(d["combos"] for d in deltas.values()) / window
-            out["perf/questions_per_s"] = sum(d["items"] for d in deltas.values()) / window
-            out["perf/video_tokens_per_s"] = sum(d["video_tokens"] for d in deltas.values()) / window
-            out["perf/kept_tokens_per_s"] = sum(d["kept_tokens"] for d in deltas.values()) / window
-            _spread(out, "perf/actor_combos_per_s", [d["combos"] / window for d in deltas.values()])
-            _spread(out, "perf/actor_video_tokens_per_s", [d["video_tokens"] / window for d in deltas.values()])
-            # Share of the window each actor spent on items: low = starved (the driver or learner is the bottleneck).
-            busy = [min(1.0, d["busy_s"] / window) for d in deltas.values()]
-            _spread(out, "perf/actor_busy", busy)
-            out["perf/actor_busy_mean"] = float(np.mean(busy))
-        out["perf/actors_reporting"] = float(len(ids))
-        out.update(actor_device_metrics([stats[a] for a in ids]))
+        out = status_metrics(live_stats)
+        deltas = [self._delta(s.actor_id, r) for s, r in zip(live_stats, reports, strict=True)]
+        out["perf/combos_per_s"] = sum(d["combos"] for d in deltas) / window
+        out["perf/questions_per_s"] = sum(d["items"] for d in deltas) / window
+        out["perf/video_tokens_per_s"] = sum(d["video_tokens"] for d in deltas) / window
+        out["perf/kept_tokens_per_s"] = sum(d["kept_tokens"] for d in deltas) / window
+        _spread(out, "perf/actor_combos_per_s", [d["combos"] / window for d in deltas])
+        _spread(out, "perf/actor_video_tokens_per_s", [d["video_tokens"] / window for d in deltas])
+        # Share of the window each actor spent on items: low = starved (the driver or learner is the bottleneck).
+        busy = [min(1.0, d["busy_s"] / window) for d in deltas]
+        _spread(out, "perf/actor_busy", busy)
+        out["perf/actor_busy_mean"] = float(np.mean(busy))
+        out["perf/actors_reporting"] = float(len(live_stats))
+        out.update(actor_device_metrics(reports))
         return out
 
+    def _delta(self, actor_id: str, report: ActorReport) -> dict[str, float]:
+        """The work ``actor_id`` finished since its previous reading (all of it for a new or restarted actor)."""
+        cur = {k: float(report.totals.get(k, 0.0)) for k in _COUNTERS}
+        # A restarted actor keeps its actor id but starts its counters at 0 in a new process.
+        inc = (report.pid, report.actor_started)
+        prev = self._seen.get(actor_id)
+        if prev is None or prev.incarnation != inc or any(cur[k] < prev.totals[k] for k in _COUNTERS):
+            prev = _Seen(inc, dict.fromkeys(_COUNTERS, 0.0), 0.0)
+        d = {k: cur[k] - prev.totals[k] for k in _COUNTERS}
+        d["busy_s"] = max(0.0, report.busy_s - prev.busy_s)
+        self._seen[actor_id] = _Seen(inc, cur, report.busy_s)
+        return d
 
-def legacy_actor_metrics(statuses: list[Mapping[str, Any]]) -> dict[str, float]:
-    """The metrics the driver logged before this module (same names and meaning), so existing charts continue."""
-    if not statuses:
+
+def status_metrics(statuses: Sequence[RolloutStatus]) -> dict[str, float]:
+    """Means over the actors' latest statuses: utilisation, weight sync, per-item speed and timings."""
+    reports = [s.actor for s in statuses if s.actor is not None]
+    if not reports:
         return {}
-    ok = [s for s in statuses if s.get("status") == "ok"]
+    ok = [s for s in statuses if s.ok]
     out = {
-        "perf/actor_utilisation": float(np.mean([s["busy_s"] / max(1e-9, s["alive_s"]) for s in statuses])),
-        "sync/latency_s": float(np.mean([s["sync_latency_s"] for s in statuses])),
-        "sync/load_s": float(np.mean([s["sync_load_s"] for s in statuses])),
-        "sync/latency_s_max": float(max(s["sync_latency_s"] for s in statuses)),
+        "perf/actor_utilisation": float(np.mean([r.busy_s / max(1e-9, r.alive_s) for r in reports])),
+        "sync/latency_s": float(np.mean([r.sync_latency_s for r in reports])),
+        "sync/load_s": float(np.mean([r.sync_load_s for r in reports])),
+        "sync/latency_s_max": float(max(r.sync_latency_s for r in reports)),
     }
     if ok:
-        out["perf/combos_per_s_per_actor"] = float(np.mean([s["combos"] / max(1e-9, s["elapsed_s"]) for s in ok]))
-        out["timing/score"] = float(np.mean([s["timings"]["score"] for s in ok]))
-        out["timing/encode"] = float(np.mean([s["timings"]["encode"] for s in ok]))
+        out["perf/combos_per_s_per_actor"] = float(np.mean([s.combos / max(1e-9, s.elapsed_s) for s in ok]))
+        out["timing/score"] = float(np.mean([s.timings["score"] for s in ok]))
+        out["timing/encode"] = float(np.mean([s.timings["encode"] for s in ok]))
     return out
 
 
-def actor_device_metrics(statuses: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Spread of the actors' own device readings (``status["device"]``, ``cacovid_rl.device_stats``)."""
-    devs = [s["device"] for s in statuses if isinstance(s.get("device"), Mapping)]
+def actor_device_metrics(reports: Sequence[ActorReport]) -> dict[str, float]:
+    """Spread of the actors' own device readings (``ActorReport.device``, ``cacovid_rl.device_stats``)."""
+    devs = [r.device for r in reports if r.device]
     if not devs:
         return {}
     out: dict[str, float] = {}

@@ -18,7 +18,9 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.reward_actor import RewardActor
+from actors.weights import WeightHandle
 from cacovid_rl.config import Config
+from cacovid_rl.rl.worker import WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,8 @@ class Slot:
     handle: Any
     info_ref: Any
     node_id: str = ""  # the node it last reported from (its ``info``); kept while it restarts
-    up: bool = False  # answered ``info`` since it started or last failed
-    inflight: dict[Any, float] = field(default_factory=dict)  # status ref -> dispatch time
-
-    @property
-    def ready(self) -> bool:
-        return self.up  # ``info`` sets node_id and up together
+    up: bool = False  # answered ``info`` since it started or last failed: only then does it get work
+    inflight: dict[Any, float] = field(default_factory=dict)  # status ref -> dispatch time, in dispatch order
 
 
 class ActorPool:
@@ -105,7 +103,7 @@ class ActorPool:
         while len(self.slots) < target:
             self._spawn()
         if len(self.slots) > target:  # shrink: drop idle actors first
-            for slot in sorted(self.slots.values(), key=lambda s: (len(s.inflight), not s.ready)):
+            for slot in sorted(self.slots.values(), key=lambda s: (len(s.inflight), not s.up)):
                 if len(self.slots) <= target:
                     break
                 if not slot.inflight:
@@ -132,14 +130,14 @@ class ActorPool:
             self._autoscaler_error = ""
 
     def _poll_ready(self) -> None:
-        pending = {s.info_ref: s for s in self.slots.values() if not s.ready}
+        pending = {s.info_ref: s for s in self.slots.values() if not s.up}
         if not pending:
             return
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         for ref in ready:
             slot = pending[ref]
             try:
-                slot.node_id = ray.get(ref, timeout=1)["node_id"]
+                slot.node_id = ray.get(ref, timeout=1).node_id
                 slot.up = True
             except ActorDiedError as exc:  # out of restarts (or killed for good): replace it
                 log.warning("actor %s died for good, replacing it: %s", slot.actor_id, exc)
@@ -156,30 +154,32 @@ class ActorPool:
         at once, so dispatching to it would only burn the re-dispatch queue. The fresh ``info`` also records the
         node the restarted actor landed on (the node-loss check uses it). An actor that is out of restarts answers
         ``ActorDiedError`` and ``_poll_ready`` replaces it."""
-        if slot.actor_id in self.slots and slot.ready:
+        if slot.actor_id in self.slots and slot.up:
             slot.up = False
             slot.info_ref = slot.handle.info.remote()
 
     def wait_ready(self, n: int, timeout: float) -> None:
         """Block until at least ``n`` actors report ready (start-up)."""
         deadline = time.monotonic() + timeout
-        while sum(s.ready for s in self.slots.values()) < n:
+        while self.ready_count() < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {sum(s.ready for s in self.slots.values())} of {n} reward actors started in {timeout:.0f}s; "
+                    f"only {self.ready_count()} of {n} reward actors started in {timeout:.0f}s; "
                     "check cluster resources (cluster.actor_num_gpus / actor_resource) and actor logs"
                 )
             self._poll_ready()
             time.sleep(0.05)
 
+    def ready_count(self) -> int:
+        """Actors that get work (answered ``info``)."""
+        return sum(s.up for s in self.slots.values())
+
     # -- dispatch ------------------------------------------------------------------------------
     def free_slots(self) -> list[Slot]:
         cap = self.cfg.cluster.inflight_per_actor
-        return sorted(
-            (s for s in self.slots.values() if s.ready and len(s.inflight) < cap), key=lambda s: len(s.inflight)
-        )
+        return sorted((s for s in self.slots.values() if s.up and len(s.inflight) < cap), key=lambda s: len(s.inflight))
 
-    def submit(self, slot: Slot, item: dict[str, Any], handle, prefetch: bool = True) -> tuple[Any, Any, bool]:
+    def submit(self, slot: Slot, item: WorkItem, handle: WeightHandle, prefetch: bool = True) -> tuple[Any, Any, bool]:
         """Queue ``item`` on ``slot``; returns (status ref, payload ref, whether its decode was hinted).
 
         ``prefetch=False`` (an item that already failed once) keeps its decode inside its own ``run`` call, so a crash
@@ -212,9 +212,6 @@ class ActorPool:
         slot.up = False
         slot.info_ref = slot.handle.info.remote()
         return refs
-
-    def all_inflight(self) -> list[Any]:
-        return [r for s in self.slots.values() for r in s.inflight]
 
     def shutdown(self) -> None:
         for actor_id in list(self.slots):

@@ -143,9 +143,9 @@ def section_e(ctx: Ctx) -> dict[str, Any]:
 
 def section_f(ctx: Ctx) -> dict[str, Any]:
     from actors.reward_actor import RewardActor
+    from actors.weights import WeightHandle
     from benchmarks.common import resolve_model, setup_process
     from benchmarks.weight_broadcast import PolicyOnlyWorker, build_policy
-    from learner.weights import WeightHandle
 
     class DeviceRewardActor(RewardActor):
         """A ``RewardActor`` whose worker holds only a policy copy, on the actor's device: ``sync`` (fetch, verify,

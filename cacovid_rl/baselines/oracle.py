@@ -3,8 +3,9 @@
 Needs ``SelectionContext.oracle_tokens``: flat indices into the ``T * N`` video block of the tokens the answer
 depends on (the synthetic data's ``meta.oracle_tokens``). The first ``B`` of them are kept (all of them when
 they fit), and the rest of the budget is filled with uniformly random other tokens from ``ctx.generator``,
-the same definition as the shipped tiny model's training report (``models/tiny_vlm.py``), so the two are
-comparable. A question whose answer depends on no token (a count of zero) keeps ``B`` random tokens.
+the definition the shipped tiny model's training report uses (its recipe, ``research/tiny_vlm``, selects with
+this class), so the two are comparable. A question whose answer depends on no token (a count of zero) keeps
+``B`` random tokens.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def _text_field(raw: dict[str, Any], name: str, index: int) -> str:
 
 def _valid_text(value: str, name: str, index: int) -> str:
     """``value``, unless it holds a lone surrogate (an undecodable byte of the file, or a ``\\udcff`` escape):
-    the tokenizer raises on those deep inside a reward actor, where the record used to be retried forever."""
+    the tokenizer raises on those deep inside a reward actor, far from the file; rejected here, the record is skipped
+    once with its index and field named."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -21,7 +21,7 @@ question names:
 The answer is in that box's single token. At 10% retention (12 of 128 tokens) no question-agnostic
 selection can keep every box; a question-aware one needs one token.
 
-Why boxes and this binding (what was tried, models/tiny_vlm.py ``TRIED``): the geometry of every box
+Why boxes and this binding (what was tried: docs/TINY_VLM.md): the geometry of every box
 is the same, so a box's patch features are close to a sum of an outer-colour part and a dots part.
 The key (outer colour) and the answer (dots colour, dot count) are then separable directions that
 a small LLM reads and a one-layer policy can match against the question's colour word. Binding by
@@ -62,7 +62,7 @@ TOKENS_PER_FRAME = GRID * GRID
 NUM_FRAMES = 8
 FPS = 1
 # Written to synthetic.json: the shipped tiny VLM was trained on this task, so data from an older generator
-# (the quadrant task, no "task" key) must not be trained on silently (cli.ensure_data refuses it).
+# (the quadrant task, no "task" key) must not be trained on silently (cacovid_cli.training.ensure_data refuses it).
 TASK = "boxes-v3"
 
 OUTER_COLOURS = ("orange", "cyan", "purple", "pink", "brown", "grey", "white")

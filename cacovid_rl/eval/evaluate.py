@@ -1,26 +1,34 @@
-"""Accuracy at given retention ratios for the policy and the training-free baselines.
+"""Accuracy at given retention ratios for the policy and the training-free baselines: the one evaluation loop.
 
-Each video is decoded and encoded once; every (method, retention) pair then only costs one compressed
-LLM answer. Every method (selection or merging, ``cacovid_rl.baselines.METHODS``) goes through the same
-compression interface (``baselines.compress``), and all blocks of one size are answered in one batched call.
-Bad records (corrupt video, missing file) are skipped and counted, never fatal.
+:func:`answer_questions` is the loop every evaluation runs (``cacovid-rl eval``, the periodic Ray task and
+``cacovid-rl report``): each video is decoded and encoded once, answered with full tokens, and then every
+(method, retention) pair of every :class:`Arm` only costs one compressed LLM answer. Every method (selection or
+merging, ``cacovid_rl.baselines.METHODS``) goes through the same compression interface (``baselines.compress``),
+and all blocks of one size are answered in one batched call. A record that fails (corrupt video, missing file) is
+skipped and reported, never fatal. :func:`evaluate` turns the loop into the mean reward per method and retention.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cacovid_rl.baselines import METHODS, ORACLE, CompressedVideo, SelectionContext, compress, get_method
+from cacovid_rl.config import Config, EvalConfig
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
 from cacovid_rl.data.video import read_frames
 from cacovid_rl.rl.rewards import compute_reward
+from cacovid_rl.types import PolicyScores
+
+_EVAL = EvalConfig()  # the selection defaults (imp_ratio, max_ratio_scale) of the config, not copies of them
 
 
 def answer_selections(adapter, enc, selections: Mapping[str, torch.Tensor], max_new_tokens: int) -> dict[str, str]:
@@ -80,8 +88,8 @@ def compress_all(
     ctx: SelectionContext,
     methods: Sequence[str],
     retentions: tuple[float, ...] | list[float],
-    imp_ratio: float = 0.5,
-    max_ratio_scale: float = 1.5,
+    imp_ratio: float = _EVAL.imp_ratio,
+    max_ratio_scale: float = _EVAL.max_ratio_scale,
 ) -> dict[tuple[str, float], CompressedVideo]:
     """The compressed block of every (method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None."""
     check_methods(methods)
@@ -100,8 +108,8 @@ def select_all(
     ctx: SelectionContext,
     methods: list[str],
     retentions: tuple[float, ...] | list[float],
-    imp_ratio: float = 0.5,
-    max_ratio_scale: float = 1.5,
+    imp_ratio: float = _EVAL.imp_ratio,
+    max_ratio_scale: float = _EVAL.max_ratio_scale,
 ) -> dict[tuple[str, float], torch.Tensor]:
     """Kept tokens of every (selection method, retention); ``oracle`` is skipped when ``ctx.oracle_tokens`` is None.
 
@@ -142,6 +150,150 @@ def answer_compressed(adapter, enc, blocks: Mapping[str, CompressedVideo], max_n
     return answers
 
 
+def _no_generator(index: int) -> torch.Generator | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Methods answered under one setting on every question: the policy scoring for ``cacovid``, the generator of
+    the random draws (``random``, the oracle's padding) and the policy selection's quotas.
+
+    ``generator`` maps the question's index to its generator: one shared generator (``cacovid-rl eval``) or one per
+    seed and question (the report). The report answers its deterministic baselines in an arm without a policy, once
+    for all seeds, and the seeded methods in one arm per seed.
+    """
+
+    name: str
+    methods: tuple[str, ...]
+    policy: Any = None
+    generator: Callable[[int], torch.Generator | None] = _no_generator
+    imp_ratio: float = _EVAL.imp_ratio
+    max_ratio_scale: float = _EVAL.max_ratio_scale
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How every question is read, answered and scored (frames, decoding, reward rules)."""
+
+    num_frames: int
+    max_fps: float = 1.0
+    max_new_tokens: int = 16
+    fix_official_bugs: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> AnswerSettings:
+        d = cfg.data
+        return cls(d.num_frames, d.max_fps, cfg.model.max_new_tokens, cfg.reward.fix_official_bugs)
+
+
+@dataclass
+class ArmAnswers:
+    """One arm's results on one question, keyed by ``(method, retention)``."""
+
+    scores: PolicyScores | None
+    blocks: dict[tuple[str, float], CompressedVideo]
+    answers: dict[tuple[str, float], str]
+    rewards: dict[tuple[str, float], float]
+
+
+@dataclass
+class AnsweredQuestion:
+    """One question answered with full tokens and by every arm."""
+
+    index: int
+    record: QARecord
+    frames: np.ndarray
+    full_answer: str
+    full_reward: float
+    arms: dict[str, ArmAnswers]
+
+
+@dataclass
+class SkippedQuestion:
+    """A question whose reading or answering raised: it counts as skipped and adds nothing to any total."""
+
+    index: int
+    record: QARecord
+    error: Exception
+
+
+def answer_questions(
+    adapter,
+    records: Iterable[QARecord],
+    arms: Sequence[Arm],
+    retentions: Sequence[float],
+    settings: AnswerSettings,
+    *,
+    oracle: Mapping[str, list[int]] | None = None,
+    skip: tuple[type[Exception], ...] = (Exception,),
+    progress: str = "",
+) -> Iterator[AnsweredQuestion | SkippedQuestion]:
+    """Answer every record with full tokens and with every arm's methods at every retention, one record at a time.
+
+    ``oracle`` maps sample ids to their answer tokens (``meta.oracle_tokens``): the ``oracle`` method runs on the
+    records it covers. An exception of a type in ``skip`` raised while one record is read or answered makes that
+    record a :class:`SkippedQuestion`; any other propagates. ``progress`` is the progress bar's label (none when
+    empty).
+    """
+    check_methods([m for arm in arms for m in arm.methods])
+    items: Iterable[QARecord] = records
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(records, desc=progress, unit="q")
+    for i, rec in enumerate(items):
+        tokens = None if oracle is None else oracle.get(rec.sample_id)
+        try:
+            answered = _answer_one(adapter, i, rec, arms, retentions, settings, tokens)
+        except skip as exc:
+            yield SkippedQuestion(i, rec, exc)
+            continue
+        yield answered
+
+
+def _answer_one(
+    adapter,
+    index: int,
+    rec: QARecord,
+    arms: Sequence[Arm],
+    retentions: Sequence[float],
+    settings: AnswerSettings,
+    oracle_tokens: list[int] | None,
+) -> AnsweredQuestion:
+    frames = read_frames(rec.video, settings.num_frames, settings.max_fps)
+    with torch.no_grad():
+        enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
+        full = adapter.generate(enc, None, settings.max_new_tokens)[0]
+        per_arm = {
+            arm.name: _answer_arm(adapter, enc, index, rec, arm, retentions, settings, oracle_tokens) for arm in arms
+        }
+    reward = compute_reward(full, rec.answer, rec.problem_type, settings.fix_official_bugs)
+    return AnsweredQuestion(index, rec, frames, full, reward, per_arm)
+
+
+def _answer_arm(
+    adapter,
+    enc,
+    index: int,
+    rec: QARecord,
+    arm: Arm,
+    retentions: Sequence[float],
+    settings: AnswerSettings,
+    oracle_tokens: list[int] | None,
+) -> ArmAnswers:
+    scores = arm.policy.score(enc) if arm.policy is not None else None
+    ctx = SelectionContext(
+        enc=enc, adapter=adapter, scores=scores, generator=arm.generator(index), oracle_tokens=oracle_tokens
+    )
+    blocks = compress_all(ctx, arm.methods, retentions, arm.imp_ratio, arm.max_ratio_scale)
+    texts = answer_compressed(adapter, enc, {f"{m}@{r}": b for (m, r), b in blocks.items()}, settings.max_new_tokens)
+    answers = {(m, r): texts[f"{m}@{r}"] for (m, r) in blocks}
+    fix = settings.fix_official_bugs
+    rewards = {key: compute_reward(text, rec.answer, rec.problem_type, fix) for key, text in answers.items()}
+    return ArmAnswers(scores, blocks, answers, rewards)
+
+
 def evaluate(
     adapter,
     policy,
@@ -153,64 +305,50 @@ def evaluate(
     max_fps: float = 1.0,
     max_new_tokens: int = 16,
     seed: int = 0,
-    imp_ratio: float = 0.5,
-    max_ratio_scale: float = 1.5,
+    imp_ratio: float = _EVAL.imp_ratio,
+    max_ratio_scale: float = _EVAL.max_ratio_scale,
     fix_official_bugs: bool = True,
     progress: bool = False,
-    oracle: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Mean reward (accuracy for multiple choice) of each method at each retention, plus full tokens.
 
-    ``oracle`` maps sample ids to the flat indices of their answer tokens (the synthetic records'
-    ``meta.oracle_tokens``); when given, the ``oracle`` reference is evaluated on the records it covers
-    (``result["counts"]["oracle"]`` of them) and every other method on all records.
+    The policy, when given, is evaluated as the ``cacovid`` method. The random draws of all questions come from one
+    generator seeded with ``seed``. Records carry no answer tokens here, so ``oracle`` (if listed) is left out of
+    ``result["methods"]``; the report evaluates it.
     """
     methods = list(methods)
     check_methods(methods)
     if policy is not None and "cacovid" not in methods:
         methods = ["cacovid", *methods]
-    if oracle is not None and ORACLE not in methods:
-        methods.append(ORACLE)
+    gen = torch.Generator().manual_seed(seed)
+    arm = Arm("eval", tuple(methods), policy, lambda _index: gen, imp_ratio, max_ratio_scale)
+    settings = AnswerSettings(num_frames, max_fps, max_new_tokens, fix_official_bugs)
+    answered = answer_questions(adapter, records, [arm], retentions, settings, progress="eval" if progress else "")
+    return _mean_rewards(answered, arm.name, methods, retentions)
+
+
+def _mean_rewards(
+    answered: Iterable[AnsweredQuestion | SkippedQuestion],
+    arm: str,
+    methods: Sequence[str],
+    retentions: Sequence[float],
+) -> dict[str, Any]:
+    """Sum the rewards of the answered questions and count the skipped ones (with their first 50 errors)."""
     sums: dict[str, dict[str, float]] = {m: {str(r): 0.0 for r in retentions} for m in methods}
     counts = dict.fromkeys(methods, 0)
     full = 0.0
     n = skipped = 0
     errors: list[str] = []
-    gen = torch.Generator().manual_seed(seed)
-    iterator = records
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(records, desc="eval", unit="q")
-    for rec in iterator:
-        # Any failure of one record (a corrupt video, text the tokenizer rejects, ...) skips that record only; its
-        # rewards are summed into the totals after it fully succeeded, so a failure halfway adds nothing.
-        try:
-            frames = read_frames(rec.video, num_frames, max_fps)
-            with torch.no_grad():
-                enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
-                scores = policy.score(enc) if policy is not None else None
-                tokens = None if oracle is None else oracle.get(rec.sample_id)
-                ctx = SelectionContext(enc=enc, adapter=adapter, scores=scores, generator=gen, oracle_tokens=tokens)
-                rec_full = compute_reward(
-                    adapter.generate(enc, None, max_new_tokens)[0], rec.answer, rec.problem_type, fix_official_bugs
-                )
-                keeps = compress_all(ctx, methods, retentions, imp_ratio, max_ratio_scale)
-                answers = answer_compressed(
-                    adapter, enc, {f"{m}@{r}": k for (m, r), k in keeps.items()}, max_new_tokens
-                )
-                rec_rewards = {
-                    (m, r): compute_reward(answers[f"{m}@{r}"], rec.answer, rec.problem_type, fix_official_bugs)
-                    for (m, r) in keeps
-                }
-        except Exception as exc:
+    for q in answered:
+        if isinstance(q, SkippedQuestion):
             skipped += 1
-            errors.append(f"{rec.sample_id}: {type(exc).__name__}: {exc}")
+            errors.append(f"{q.record.sample_id}: {type(q.error).__name__}: {q.error}")
             continue
-        full += rec_full
-        for (m, r), reward in rec_rewards.items():
+        full += q.full_reward
+        rewards = q.arms[arm].rewards
+        for (m, r), reward in rewards.items():
             sums[m][str(r)] += reward
-        for m in {m for m, _ in rec_rewards}:
+        for m in {m for m, _ in rewards}:
             counts[m] += 1
         n += 1
     denom = max(1, n)
@@ -238,37 +376,27 @@ def flatten_eval(result: dict[str, Any]) -> tuple[dict[str, float], list[list[An
     return flat, rows
 
 
-def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Accuracy vs retention per method, with the full-token accuracy as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+def accuracy_table(result: dict[str, Any]) -> dict[str, Any]:
+    """An :func:`evaluate` result as one accuracy table of the report (``mean``/``std`` per method and retention;
+    one evaluation, so every std is 0), the form :func:`cacovid_rl.eval.plots.plot_accuracy` draws."""
+    one = {"std": 0.0}
+    table: dict[str, Any] = {"n": result["n"], "full": {"mean": float(result["full"]), **one}}
     for m, per in result["methods"].items():
-        rs = sorted(per, key=float)
-        ax.plot([float(r) * 100 for r in rs], [per[r] * 100 for r in rs], marker="o", label=m)
-    ax.axhline(result["full"] * 100, color="black", linestyle="--", label="full tokens")
-    ax.set_xlabel("retention (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or f"accuracy vs retention (n={result['n']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        table[m] = {r: {"mean": float(acc), **one} for r, acc in per.items()}
+    return table
 
 
 def write_eval_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path, dict[str, float], list]:
     """Write ``eval_v<version>.json`` and its PNG plot; returns (json, png, flat metrics, rows)."""
+    from cacovid_rl.eval.plots import plot_accuracy
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"v{int(result.get('version', 0)):06d}"
+    version = result.get("version", 0)
+    tag = f"v{int(version):06d}"
     json_path = out_dir / f"eval_{tag}.json"
     json_path.write_text(json.dumps(result, indent=2))
-    png_path = plot_accuracy(result, out_dir / f"eval_{tag}.png", title=f"policy version {result.get('version', 0)}")
+    title = f"policy version {version} (n={result['n']})"
+    png_path = plot_accuracy(accuracy_table(result), result["retentions"], out_dir / f"eval_{tag}.png", title)
     flat, rows = flatten_eval(result)
     return json_path, png_path, flat, rows

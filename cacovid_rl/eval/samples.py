@@ -20,15 +20,15 @@ from cacovid_rl.config import Config
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.data.records import QARecord
 from cacovid_rl.data.video import read_frames
+from cacovid_rl.eval.aggregate import TARGET_RETENTION
 from cacovid_rl.policy.selection import select_tokens
 from cacovid_rl.rl.rewards import compute_reward
 
 DEFAULT_QUESTIONS = 4
-TARGET_RETENTION = 0.10  # the headline retention (README, report); the evaluated one closest to it is used
 
 
 def pick_retention(retentions: Sequence[float]) -> float:
-    """The evaluated retention closest to 10% (the one the report's heatmaps and target use)."""
+    """The evaluated retention closest to ``TARGET_RETENTION`` (10%: the one the report's heatmaps and target use)."""
     return float(min(retentions, key=lambda r: abs(float(r) - TARGET_RETENTION))) if retentions else TARGET_RETENTION
 
 
@@ -47,7 +47,7 @@ def sample_questions(
 
     Each sample: ``sample_id``, ``question`` (its first line, as the report shows it), ``answer`` (the model's,
     greedy), ``ground_truth``, ``reward``, ``kept`` (flat indices), ``kept_tokens``, ``total_tokens``, ``retention``
-    and, with ``draw``, ``png_b64``: the report's heatmap (``eval/report.py::plot_heatmap``) of the frames with the
+    and, with ``draw``, ``png_b64``: the report's heatmap (``eval/plots.py::plot_heatmap``) of the frames with the
     kept tokens outlined. A record that fails (a bad video) is passed over, never raised: this is decoration.
     """
     if policy is None or n <= 0:
@@ -94,7 +94,7 @@ def _one(adapter, policy, rec: QARecord, cfg: Config, retention: float, draw: bo
 
 def _draw(rec: QARecord, frames, scores, sample: dict[str, Any], retention: float) -> bytes:
     """The report's heatmap of this question as PNG bytes (drawn into a temporary file, which matplotlib needs)."""
-    from cacovid_rl.eval.report import Question, plot_heatmap
+    from cacovid_rl.eval.plots import Question, plot_heatmap
 
     q = Question(
         sample_id=rec.sample_id,

@@ -51,7 +51,8 @@ def resolve_model_path(path: str) -> Path:
         if not (TINY_ASSET / "config.json").is_file():
             raise ModelLoadError(
                 f"the shipped tiny model is missing: expected a save_pretrained checkpoint at {TINY_ASSET} "
-                "(it is built and trained by cacovid_rl.models.tiny_vlm)"
+                "(it is built and trained by `python -m research.tiny_vlm.train` in a source checkout, "
+                "docs/TINY_VLM.md)"
             )
         return TINY_ASSET
     p = Path(path).expanduser()

@@ -4,9 +4,9 @@ There is exactly one preprocessing path. Every adapter turns decoded frames into
 the transformers video processor of its checkpoint (``LlavaOnevisionVideoProcessor``,
 ``Qwen2VLVideoProcessor``: what ``AutoVideoProcessor.from_pretrained`` builds from the checkpoint's
 ``video_preprocessor_config.json`` or the ``video_processor`` entry of its ``processor_config.json``),
-so the pixels the LLM sees here are the pixels it sees in transformers, vLLM or lmms-eval. An earlier
-plain-torch re-implementation (torchvision could not be installed beside the CPU torch wheel) differed
-from transformers by up to 16/255 on about a fifth of the resized pixels; it is gone.
+so the pixels the LLM sees here are the pixels it sees in transformers, vLLM or lmms-eval. Why no
+second path: a plain-torch re-implementation of the same resizing differs from transformers by up to
+16/255 on about a fifth of the resized pixels.
 
 The processor is called on already sampled frames (``do_sample_frames=False``: frame sampling is the
 video reader's job, ``cacovid_rl.data.video``) with channels-last input stated explicitly, so a clip of

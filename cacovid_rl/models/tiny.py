@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import pre_tokenizers
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -27,6 +28,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from cacovid_rl.data import synthetic
+from cacovid_rl.data.prompts import INSTRUCTIONS
 from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
 from cacovid_rl.models.preprocessing import default_video_processor
 from cacovid_rl.models.qwen2_5_vl import Qwen2_5VLAdapter
@@ -38,6 +41,18 @@ TINY_WORDS: tuple[str, ...] = (
     "please", "provide", "only", "single", "letter", "yes", "no", "how", "many", "there", "are",
 )  # fmt: skip
 QWEN_VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def tiny_vocabulary() -> list[str]:
+    """Words of the synthetic questions plus every bare-answer instruction (so any problem type tokenizes).
+
+    The shipped tiny video LLM's vocabulary (``cacovid_rl/assets/tiny_vlm``) and the tiny Qwen2.5-VL checkpoint's;
+    instructions are split the way ``build_word_tokenizer`` splits text (whitespace, then punctuation)."""
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words = list(synthetic.vocabulary())
+    for instruction in INSTRUCTIONS.values():
+        words += [w for w, _ in split.pre_tokenize_str(instruction)]
+    return list(dict.fromkeys(words))
 
 
 def tiny_tokenizer(family: str = "llava_onevision", words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
@@ -242,8 +257,6 @@ def save_tiny_qwen2_5_vl(directory: str | Path, *, seed: int = 0, frame_size: in
     The synthetic task's vocabulary (so questions tokenize into words, not unknown tokens), 64 px frames like the
     synthetic videos (one 16 px cell per merged 2 x 2 group of 8 px patches), and :func:`video_sensitive` answers, so
     a rollout's rewards differ between keep sets and the learner really steps."""
-    from cacovid_rl.models.tiny_vlm import tiny_vocabulary
-
     model_kwargs.setdefault("init_std", 0.2)
     adapter = tiny_qwen2_5_vl(seed=seed, frame_size=frame_size, words=tiny_vocabulary(), **model_kwargs)
     return save_adapter(video_sensitive(adapter), directory)

@@ -107,20 +107,28 @@ def _policy_shards(ckpt: Path) -> dict[Path, list[str]]:
     file in the directory is scanned (headers only), which covers ``model.safetensors`` and loose files.
     """
     index = ckpt / INDEX_FILE
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise OfficialCheckpointError(f"{index} has no 'weight_map' object")
-        shards: dict[Path, list[str]] = {}
-        for name, shard in weight_map.items():
-            if name.startswith(PREFIX):
-                shards.setdefault(ckpt / shard, []).append(name)
-        if not shards:
-            _no_policy(ckpt, list(weight_map))
-        for shard in shards:
-            if not shard.is_file():
-                raise OfficialCheckpointError(f"{index} names shard '{shard.name}', which is not in {ckpt}")
-        return shards
+    return _indexed_shards(ckpt, index) if index.is_file() else _scanned_shards(ckpt)
+
+
+def _indexed_shards(ckpt: Path, index: Path) -> dict[Path, list[str]]:
+    """:func:`_policy_shards` from a sharded checkpoint's index; every shard it names must exist."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise OfficialCheckpointError(f"{index} has no 'weight_map' object")
+    shards: dict[Path, list[str]] = {}
+    for name, shard in weight_map.items():
+        if name.startswith(PREFIX):
+            shards.setdefault(ckpt / shard, []).append(name)
+    if not shards:
+        _no_policy(ckpt, list(weight_map))
+    for shard in shards:
+        if not shard.is_file():
+            raise OfficialCheckpointError(f"{index} names shard '{shard.name}', which is not in {ckpt}")
+    return shards
+
+
+def _scanned_shards(ckpt: Path) -> dict[Path, list[str]]:
+    """:func:`_policy_shards` without an index: the headers of every ``*.safetensors`` file in ``ckpt``."""
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -133,7 +141,8 @@ def _policy_shards(ckpt: Path) -> dict[Path, list[str]]:
                 "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')"
             )
         raise OfficialCheckpointError(f"no safetensors weights in {ckpt} (expected {INDEX_FILE} or *.safetensors)")
-    shards, seen = {}, []
+    shards: dict[Path, list[str]] = {}
+    seen: list[str] = []
     for f in files:
         with _open(f) as handle:
             keys = list(handle.keys())

@@ -24,9 +24,9 @@ Gradients flow only through ``new``; ``old`` scores, masks and rewards are const
 Stale rollouts (decoupled PPO, Hilton et al. 2021): when the combinations were drawn by an older policy than
 the one being updated (``learner.max_staleness > 0``), the learner passes ``prox``, its own scores at the start
 of the update. The trust region is then measured against ``prox`` (``ratio = pi / pi_prox``) and each decision is
-weighted by the truncated importance weight ``min(pi_prox / pi_old, cfg.max_is_weight)`` (a constant). Measuring
-it against the behaviour policy instead made every first-iteration ratio of a two-versions-old rollout sit far
-outside the clip range at lr 3e-3 (clip fraction 0.25 by update 10) and the scores drift until the policy kept
+weighted by the truncated importance weight ``min(pi_prox / pi_old, cfg.max_is_weight)`` (a constant). Measured
+against the behaviour policy instead, every first-iteration ratio of a two-versions-old rollout sits far outside
+the clip range at lr 3e-3 (clip fraction 0.25 by update 10) and the scores drift until the policy keeps
 everything. With ``prox`` equal to ``old`` (on-policy) both forms are the same loss.
 """
 

@@ -1,7 +1,7 @@
 """A bounded, thread-fed look-ahead cache: the next item's decode runs while the current one is scored.
 
-A reward actor used to decode a question's video inside the call that then scores it, so its device idled while
-decord read the frames. The driver already queues ``cluster.inflight_per_actor`` items per actor, so when it hands
+Decoding a question's video inside the call that then scores it would leave the actor's device idle while decord
+reads the frames. The driver already queues ``cluster.inflight_per_actor`` items per actor, so when it hands
 an actor a second item it also sends a *hint*; :class:`Prefetcher` decodes hinted items on one background thread and
 ``take`` hands the frames to ``run``.
 

@@ -13,24 +13,24 @@ evidently wrong; every other case keeps its official value:
 
 - multiple choice: the compared key is the option label, not the first character: leading non-word characters
   plus the first word (``(D)`` -> ``(D``, ``**C**`` -> ``**C``, ``Correct answer: A`` -> ``Correct``,
-  ``10`` -> ``10``), and an answer without a word character (empty, ``.``) never matches. So ``(D)`` no longer
-  matches ``(C)``, nor ``Correct answer: A`` the ground truth ``C``, nor ``10`` the option ``1``, nor an empty
+  ``10`` -> ``10``), and an answer without a word character (empty, ``.``) never matches. So ``(D)`` does not
+  match ``(C)``, nor ``Correct answer: A`` the ground truth ``C``, nor ``10`` the option ``1``, nor an empty
   answer an empty ground truth. What the official code accepts stays accepted (``C) a red umbrella``,
   ``C is correct``, the raw text's first option) and what it rejects stays rejected (``(C)`` vs ``C``).
 - numerical and regression numbers: a comma followed by groups of exactly three digits (``2,500``,
   ``1,234,567.5``) separates thousands; a single other comma is a decimal mark (``3,5`` is 3.5); any other use
   keeps the official reading (commas deleted, and for numerical the comma counts as a decimal mark).
 - free-form: words of non-Latin scripts are kept (the official tokenizer keeps only ``[a-z0-9]``, so identical
-  Cyrillic text scored 0): Han and kana characters are one token each (they are written without spaces),
+  Cyrillic text scores 0 there): Han and kana characters are one token each (they are written without spaces),
   other scripts' letters form words with their combining marks. Latin letters outside a-z stay separators
-  exactly as in ``rouge_score`` (``naïve`` -> ``na ve``), so Latin text scores as before. ROUGE-2 is left out of
-  the mean when neither text has a bigram (it is 0/0 there, not a mismatch): an identical one-word answer
-  scores 1, not 2/3.
-- regression: a non-finite prediction or ground truth scores 0 (``nan`` scored 1 through
+  exactly as in ``rouge_score`` (``naïve`` -> ``na ve``), so Latin text scores as in the official code. ROUGE-2
+  is left out of the mean when neither text has a bigram (it is 0/0 there, not a mismatch): an identical
+  one-word answer scores 1, not 2/3.
+- regression: a non-finite prediction or ground truth scores 0 (the official code scores ``nan`` 1 through
   ``max(0.0, nan) = 0.0``); ground truth 0 scores 1 for ``|p| <= 1e-9`` (the official formula's own resolution)
-  and 0 otherwise (it scored 0 for every prediction); the ``1e-9`` guard terms are capped at ``1e-6 * |g|`` so
-  that they no longer dominate tiny magnitudes (``1e-12`` vs ``2e-12`` scores 0.5, not 0.001). For
-  ``|g| >= 1e-3`` the guard is the official 1e-9, so those rewards are unchanged.
+  and 0 otherwise (the official code scores 0 for every prediction); the ``1e-9`` guard terms are capped at
+  ``1e-6 * |g|`` so that they do not dominate tiny magnitudes (``1e-12`` vs ``2e-12`` scores 0.5, not 0.001).
+  For ``|g| >= 1e-3`` the guard is the official 1e-9, so those rewards are unchanged.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from the shipped policy input and the behaviour policy's scores as ``logp_old``.
 
 A step whose batch carries no learning signal (in every question, each optimised mode's rewards are all
 equal, so every advantage is exactly 0 and so is the loss gradient) is skipped: AdamW would otherwise keep
-moving the weights on stale momentum and decoupled weight decay alone, which made a one-question bandit
-drift away from a learned solution once its rewards stopped varying. The LR schedule still advances.
+moving the weights on stale momentum and decoupled weight decay alone, which moves a one-question bandit
+away from a learned solution once its rewards stop varying. The LR schedule still advances.
 """
 
 from __future__ import annotations
@@ -89,29 +89,118 @@ class GradientSync(Protocol):
         ...
 
 
-class PolicyUpdater:
-    """Owns the optimizer and schedule of a policy; one :meth:`update` per batch of trajectories."""
+class OptimizerBackend(Protocol):
+    """The optimisation step a :class:`PolicyUpdater` holds: optimizer, LR schedule and how a loss becomes a step.
 
-    skipped_steps: int = 0
-    """Optimiser steps skipped for want of any learning signal (a class default: subclasses need not set it)."""
-    sync: GradientSync | None = None
-    """Set by a data-parallel learner group; ``None`` for a single learner (every hook below is then a no-op)."""
+    :class:`TorchAdamW` is the library's; ``learner/deepspeed_backend.py`` provides a DeepSpeed ZeRO one, so the
+    library never imports DeepSpeed. The updater owns the method (which steps, on which samples, skipped or not);
+    the backend owns only the numerics of one step and the state a checkpoint must carry.
+    """
 
-    def __init__(
-        self, policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
-    ) -> None:
-        self.policy = policy.to(device)
-        self.cfg = learner
-        self.loss_cfg = loss
-        self.iterations = iterations
-        self.device = device
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    """The LR schedule; checkpoints save and restore its ``state_dict`` (``learner/checkpoint.py``)."""
+
+    def zero_grad(self) -> None:
+        """Drop the previous step's gradients (set to ``None``)."""
+        ...
+
+    def step(self, loss: torch.Tensor, sync: GradientSync | None) -> float:
+        """Backward, gradient sum over the group (``sync``), clip, optimizer and schedule step; the gradient norm
+        before clipping."""
+        ...
+
+    def skip(self) -> None:
+        """Advance the schedule without touching the weights (a step without learning signal)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Optimizer state as nested dicts/lists of tensors and scalars (checkpointed without pickle)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, in place."""
+        ...
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate of the first parameter group."""
+        ...
+
+
+class TorchAdamW:
+    """Plain ``torch.optim.AdamW`` with :func:`lr_lambda`'s schedule and gradient-norm clipping."""
+
+    def __init__(self, policy: torch.nn.Module, learner: LearnerConfig, iterations: int) -> None:
+        self.params = list(policy.parameters())
+        self.grad_clip = learner.grad_clip
         self.optimizer = torch.optim.AdamW(
             policy.param_groups(learner.lr, learner.decoder_lr_scale, learner.weight_decay), lr=learner.lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(learner, learner.total_steps * iterations, iterations)
         )
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor, sync: GradientSync | None) -> float:
+        loss.backward()
+        if sync is not None:
+            sync.reduce_gradients(self.params)  # before the clip: the norm is the whole batch's
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)
+
+    def skip(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+class PolicyUpdater:
+    """Replays the method's optimiser steps on batches of trajectories; one :meth:`update` per batch.
+
+    The optimisation step itself is the ``backend``'s (default :class:`TorchAdamW`); the backend must be built
+    around ``policy`` already on ``device``.
+    """
+
+    skipped_steps: int = 0
+    """Optimiser steps skipped for want of any learning signal."""
+    sync: GradientSync | None = None
+    """Set by a data-parallel learner group; ``None`` for a single learner (every hook below is then a no-op)."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        learner: LearnerConfig,
+        loss: LossConfig,
+        iterations: int,
+        device: str = "cpu",
+        backend: OptimizerBackend | None = None,
+    ) -> None:
+        self.policy = policy.to(device)
+        self.cfg = learner
+        self.loss_cfg = loss
+        self.iterations = iterations
+        self.device = device
+        self.backend: OptimizerBackend = (
+            backend if backend is not None else TorchAdamW(self.policy, learner, iterations)
+        )
         self.optimizer_steps = 0
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The backend's LR schedule (checkpoints save and restore its state)."""
+        return self.backend.scheduler
 
     def has_signal(self, trajs: Sequence[Trajectory], iteration: int) -> bool:
         """Whether optimiser step ``iteration`` has a non-zero gradient: some optimised mode of some question has
@@ -167,21 +256,11 @@ class PolicyUpdater:
         return total, metrics
 
     def optimizer_state(self) -> dict:
-        """Optimizer state as nested dicts/lists of tensors and scalars (checkpointed without pickle)."""
-        return self.optimizer.state_dict()
+        """The backend's optimizer state (see :meth:`OptimizerBackend.state_dict`)."""
+        return self.backend.state_dict()
 
     def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def _step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, optimizer and schedule step; the DeepSpeed learner overrides only this."""
-        loss.backward()
-        if self.sync is not None:
-            self.sync.reduce_gradients(self.policy.parameters())  # before the clip: the norm is the whole batch's
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(grad_norm)
+        self.backend.load_state_dict(state)
 
     @torch.no_grad()
     def proximal_scores(self, trajs: Sequence[Trajectory], version: int | None) -> list[PolicyScores | None]:
@@ -233,13 +312,13 @@ class PolicyUpdater:
         iterations = int(self._reduce(max((len(t.rates) for t in trajs), default=0), "max"))
         agg: dict[str, float] = {}
         for it in range(iterations):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.zero_grad()
             signal = self.has_signal(trajs, it) if self.cfg.skip_no_signal_steps else True
             if not self._reduce(float(signal), "max"):
                 with torch.no_grad():
                     loss, metrics = self._batch_loss(trajs, it, prox, total)
                 self._record_first_iteration(agg, it, metrics)
-                self.scheduler.step()
+                self.backend.skip()
                 self.optimizer_steps += 1
                 self.skipped_steps += 1
                 metrics.update({"loss/total": float(loss), "policy/grad_norm": 0.0})
@@ -254,12 +333,12 @@ class PolicyUpdater:
                     f"non-finite loss at optimizer step {self.optimizer_steps} "
                     f"(samples {[t.sample_id for t in trajs]}); lower learner.lr or check the inputs"
                 )
-            grad_norm = self._step(loss)
+            grad_norm = self.backend.step(loss, self.sync)
             self.optimizer_steps += 1
             metrics.update({"loss/total": float(loss.detach()), "policy/grad_norm": float(grad_norm)})
             for k, v in metrics.items():
                 agg[k] = agg.get(k, 0.0) + v / iterations
-        agg["learner/lr"] = float(self.scheduler.get_last_lr()[0])
+        agg["learner/lr"] = self.backend.lr
         agg["learner/optimizer_steps"] = float(self.optimizer_steps)
         agg["learner/skipped_steps"] = float(self.skipped_steps)
         agg["learner/stale_trajectories"] = float(stale)

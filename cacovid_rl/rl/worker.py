@@ -8,7 +8,7 @@ and turns work items (one question each) into encoded trajectory messages.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from cacovid_rl.rl.trajectory import Trajectory
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One question to roll out: its global data index, learner batch, epoch and record."""
+    """One question to roll out (the driver -> actor message): its global data index, learner batch, epoch, record."""
 
     index: int
     batch_index: int
@@ -40,8 +40,81 @@ class WorkItem:
         """The record in the loader's own JSON schema (absolute video path), so one parser reads it back."""
         return record_to_dict(rec)
 
+    @property
+    def sample_id(self) -> str:
+        """The record's id, which names it across epochs (quarantine and logs use it)."""
+        return str(self.record.get("problem_id", self.index))
+
     def to_record(self) -> QARecord:
         return parse_record(self.record, self.index, Path("/"), check_videos=False)
+
+
+@dataclass(frozen=True)
+class ActorReport:
+    """What a reward actor measures of itself, with every status and as its ``info`` answer.
+
+    wandb's system monitor runs in the driver, on a cluster's GPU-less head node, so the actors' devices are only seen
+    through these readings (``learner/monitoring.py`` turns them into metrics). ``totals`` are cumulative counters
+    (``items``, ``combos``, ``video_tokens``, ``kept_tokens``) from which exact cluster-wide rates follow; ``pid`` and
+    ``actor_started`` tell a restarted actor (same id, counters back at 0) apart.
+    """
+
+    node_id: str
+    pid: int
+    actor_started: float
+    version: int
+    weights_checksum: str
+    busy_s: float
+    alive_s: float
+    synced: bool
+    """This call loaded a new weight version before its item."""
+    sync_latency_s: float
+    """Publish -> this actor holding the version (includes the wait for an item that needs it)."""
+    sync_load_s: float
+    """The load itself: object-store read, checksum, copy into the policy."""
+    totals: dict[str, int]
+    device: dict[str, Any]
+    """``cacovid_rl.device_stats.DeviceMonitor`` readings (``info`` adds the device's name)."""
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    """The small result of one work item (the actor -> driver message; the trajectory travels as its own object).
+
+    ``status`` is ``"ok"`` or ``"skipped"`` (then ``reason`` is a countable reason and ``error`` the message). Built
+    by :meth:`RewardWorker.run` (or :meth:`quarantined` in the driver); the Ray shell adds its :class:`ActorReport`.
+    """
+
+    index: int
+    batch_index: int
+    sample_id: str
+    actor_id: str
+    weight_version: int
+    status: str
+    reason: str = ""
+    error: str = ""
+    prefetched: bool = False
+    decode_s: float = 0.0
+    frames_wait_s: float = 0.0
+    elapsed_s: float = 0.0
+    nbytes: int = 0
+    combos: int = 0
+    reward_mean: float = float("nan")
+    video_tokens: int = 0
+    """The question's ``T * N`` video tokens (encoded and scored once)."""
+    kept_tokens: int = 0
+    """Kept tokens summed over the question's combinations (what the LLM read)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    actor: ActorReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def quarantined(cls, item: WorkItem, why: str) -> RolloutStatus:
+        """The result recorded for an item that is not run again (too many failed calls)."""
+        return cls(item.index, item.batch_index, item.sample_id, "", -1, "skipped", reason="quarantined", error=why)
 
 
 class RewardWorker:
@@ -53,7 +126,7 @@ class RewardWorker:
         self.actor_id = actor_id
         self.adapter = load_adapter(cfg.model)
         torch.manual_seed(cfg.seed)
-        self.policy = build_policy(cfg, self.adapter).to(self.adapter.device).eval()
+        self.policy = CacovidPolicy.from_adapter(self.adapter, cfg.policy).eval()
         self.version = -1
         self.busy_s = 0.0
         self.started = time.time()
@@ -76,8 +149,8 @@ class RewardWorker:
         self.policy.load_flat_state(flat, meta)
         self.version = version
 
-    def run(self, item: WorkItem) -> tuple[dict[str, Any], bytes]:
-        """Roll out one question: (small status dict, encoded trajectory or ``b""`` if skipped).
+    def run(self, item: WorkItem) -> tuple[RolloutStatus, bytes]:
+        """Roll out one question: (its status, encoded trajectory or ``b""`` if skipped).
 
         The status travels separately from the (large) trajectory so the driver can count and route
         results without ever fetching trajectory bytes. Any exception raised by the item itself (a
@@ -87,60 +160,67 @@ class RewardWorker:
         (which no ``except`` here can catch) is left to the driver's bounded retries.
         """
         t0 = time.perf_counter()
-        status: dict[str, Any] = {
+        head = {
             "index": item.index,
             "batch_index": item.batch_index,
-            "sample_id": str(item.record["problem_id"]),
+            "sample_id": item.sample_id,
             "actor_id": self.actor_id,
             "weight_version": self.version,
         }
         try:
-            rec = item.to_record()
-            check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
-            if self.prefetcher is not None:
-                frames, prefetched, decode_s = self.prefetcher.take(_prefetch_key(item), lambda: self.decode(rec))
-            else:
-                t_dec = time.perf_counter()
-                frames, prefetched, decode_s = self.decode(rec), False, time.perf_counter() - t_dec
-            status.update(prefetched=prefetched, decode_s=decode_s, frames_wait_s=time.perf_counter() - t0)
-            gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
-            res = rollout_question(
-                self.adapter,
-                self.policy,
-                rec,
-                frames,
-                self.cfg.sampling,
-                self.cfg.rollout,
-                self.cfg.model,
-                gen,
-                reward_cfg=self.cfg.reward,
-            )
-            traj = Trajectory.from_rollout(
-                res,
-                sample_id=rec.sample_id,
-                epoch=item.epoch,
-                batch_index=item.batch_index,
-                weight_version=self.version,
-                problem_type=rec.problem_type,
-                actor_id=self.actor_id,
-            )
-            payload = traj.to_bytes()
-            status.update(
-                status="ok",
-                nbytes=len(payload),
-                combos=int(traj.num_samples),
-                reward_mean=float(np.mean(traj.rewards)),
-                timings=traj.timings,
-            )
+            payload, outcome = self._rollout(item, t0)
         except Exception as exc:  # the item's own failure, whatever its type (see the docstring)
             if self.prefetcher is not None:  # e.g. a prompt over budget: its hinted frames will never be taken
                 self.prefetcher.discard(_prefetch_key(item))
-            payload = b""
-            status.update(status="skipped", reason=skip_reason(exc), error=_one_line(exc))
+            payload, outcome = b"", {"status": "skipped", "reason": skip_reason(exc), "error": _one_line(exc)}
         elapsed = time.perf_counter() - t0
         self.busy_s += elapsed
-        status["elapsed_s"] = elapsed
-        return status, payload
+        return RolloutStatus(**head, **outcome, elapsed_s=elapsed), payload
+
+    def _rollout(self, item: WorkItem, t0: float) -> tuple[bytes, dict[str, Any]]:
+        """The trajectory of ``item`` and the status fields of a rolled-out item (raises for the item's own faults)."""
+        rec = item.to_record()
+        check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
+        if self.prefetcher is not None:
+            frames, prefetched, decode_s = self.prefetcher.take(_prefetch_key(item), lambda: self.decode(rec))
+        else:
+            t_dec = time.perf_counter()
+            frames, prefetched, decode_s = self.decode(rec), False, time.perf_counter() - t_dec
+        frames_wait_s = time.perf_counter() - t0
+        gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
+        res = rollout_question(
+            self.adapter,
+            self.policy,
+            rec,
+            frames,
+            self.cfg.sampling,
+            self.cfg.rollout,
+            self.cfg.model,
+            gen,
+            reward_cfg=self.cfg.reward,
+        )
+        traj = Trajectory.from_rollout(
+            res,
+            sample_id=rec.sample_id,
+            epoch=item.epoch,
+            batch_index=item.batch_index,
+            weight_version=self.version,
+            problem_type=rec.problem_type,
+            actor_id=self.actor_id,
+        )
+        payload = traj.to_bytes()
+        return payload, {
+            "status": "ok",
+            "prefetched": prefetched,
+            "decode_s": decode_s,
+            "frames_wait_s": frames_wait_s,
+            "nbytes": len(payload),
+            "combos": int(traj.num_samples),
+            "reward_mean": float(np.mean(traj.rewards)),
+            "video_tokens": int(traj.num_frames) * int(traj.tokens_per_frame),
+            "kept_tokens": int(traj.keep_lengths.sum()),
+            "timings": traj.timings,
+        }
 
 
 def _prefetch_key(item: WorkItem) -> tuple[int, int]:
@@ -190,10 +270,3 @@ def _one_line(exc: BaseException) -> str:
     # Bounded: a poison record's message can echo a huge field; the status travels through the driver's log.
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= 500 else text[:497] + "..."
-
-
-def build_policy(cfg: Config, adapter) -> CacovidPolicy:
-    """A fresh policy from the LLM (layer-0 init) or one loaded from ``cfg.policy.path``."""
-    if cfg.policy.path:
-        return CacovidPolicy.from_pretrained(cfg.policy.path)
-    return CacovidPolicy.from_adapter(adapter, cfg.policy)

@@ -108,3 +108,37 @@ def test_training_throughput(tmp_path):
     assert len(r["rounds"]) == 1 and res["learner_ceiling_combos_per_s"] > 0
     rows = res["transfer_7b"]["rows"]
     assert rows["ship_embeddings_fp16 (this design)"]["bytes"] > rows["ship_frames_uint8"]["bytes"]
+
+
+@pytest.mark.slow  # ~30 s: 5 passes of 3 tiny-model questions
+def test_prefetch(tmp_path):
+    data = run("prefetch", tmp_path)
+    res = data["results"]
+    assert set(res["series"]) == {"scoring_only", "cpu/no_prefetch", "cpu/prefetch", "io/no_prefetch", "io/prefetch"}
+    assert res["trajectories_identical"] is True  # prefetching must not change a single trajectory
+    assert res["series"]["scoring_only"]["of_scoring_only"] == 1.0
+    for name, s in res["series"].items():
+        assert 0 < s["busy"] <= 1.0 and s["questions_per_s"] > 0 and s["cpu_cores"] > 0
+        assert [r["prefetched"] for r in s["runs"]] == [3 if name.endswith("/prefetch") else 0]
+    cpu, io = res["modes"]["cpu"], res["modes"]["io"]
+    assert cpu["decode_repeats"] >= 1 and io["wait_s"] >= 0
+    # The io mode's slowdown is a wait: its decode uses far less CPU than its wall time, unlike the repeated decode.
+    assert io["slowed_decode_cpu_s"] < 0.5 * io["slowed_decode_s"]
+    assert set(res["load_avg_1m"]) == {"start", "median", "max", "end"}
+    assert (tmp_path / "prefetch.md").read_text().count("|") > 20
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a real 3-update training run on Ray, plus the 7B sweep
+def test_cluster_simulation(tmp_path):
+    res = run("cluster_simulation", tmp_path, "--steps", "3")["results"]
+    (v,) = res["validation"]  # --quick: the first pair only, 1 actor x 1 learner
+    assert (v["actors"], v["learners"]) == (1, 1) and v["questions_per_s"] > 0
+    assert v["run_reward_s"] > 0 and v["run_learner_s"] > 0
+    cores = v["cpu_cores"]
+    assert cores["workers"] > 0.05 and cores["window_s"] > 0  # the actor and learner processes were seen working
+    assert v["reserved_cores"] == pytest.approx(cores["others"] + cores["driver"] + cores["ray_runtime"])
+    assert 0 < res["cpu_detail"]["cpu_share"] <= 1.0
+    # The per-version publish is the warm put, far below the first put's object-store client set-up.
+    assert res["costs"]["cpu-tiny"]["publish_s"] < res["cpu_detail"]["publish_first_s"] + 0.03
+    assert "shipped: 32 actors, 4 learners, 8 q/step, staleness 7, prefetch" in " ".join(res["production"])

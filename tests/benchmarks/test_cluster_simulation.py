@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cluster_simulation import Costs, Setup, broadcast_time, flop_costs_7b, simulate, update_time
+from benchmarks.cluster_simulation import (
+    DRIVER_OVERHEAD_S,
+    Costs,
+    CpuSampler,
+    Setup,
+    broadcast_time,
+    flop_costs_7b,
+    from_run_costs,
+    simulate,
+    update_time,
+)
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -51,6 +61,42 @@ def test_processor_sharing_on_few_cores():
     r = simulate(costs(), Setup(actors=4, questions_per_step=8, max_staleness=2, cores=2.0), updates=30)
     assert r["questions_per_s"] == pytest.approx(2.0, rel=0.03)  # 4 actors on 2 cores: half speed each
     assert r["bottleneck"] == "cpu cores"
+
+
+def test_cores_taken_outside_the_pipeline_and_the_calibration_share():
+    # 4 actors share the 2 - 1 = 1 core the others left: 0.25 core each, 1 s of work per question at a full core.
+    r = simulate(costs(), Setup(actors=4, questions_per_step=8, max_staleness=2, cores=2.0, reserved_cores=1.0),
+                 updates=30)  # fmt: skip
+    assert r["questions_per_s"] == pytest.approx(1.0, rel=0.03)
+    # Costs measured with half a core ran at half speed: at a full core's share each question takes 0.5 s.
+    r = simulate(costs(), Setup(actors=1, questions_per_step=8, max_staleness=2, cores=2.0, calibration_share=0.5),
+                 updates=30)  # fmt: skip
+    assert r["questions_per_s"] == pytest.approx(2.0, rel=0.03)
+
+
+def test_from_run_costs_count_the_publish_once():
+    # A learner-bound run: its learner time per question (0.25 s) already includes the publish, so an update of 4
+    # questions takes 1 s + the driver overhead, whatever the in-process publish cost was.
+    base = costs(publish_s=0.4)
+    real = {"run_reward_s": 0.01, "run_learner_s": 0.25, "run_sync_load_s": 0.0}
+    r = simulate(from_run_costs(base, real), Setup(actors=4, questions_per_step=4, max_staleness=2), updates=30)
+    assert r["questions_per_s"] == pytest.approx(4 / (1.0 + DRIVER_OVERHEAD_S), rel=0.02)
+
+
+def test_cpu_sampler_splits_cores_by_process_class(tmp_path: Path):
+    sampler = CpuSampler(tmp_path / "metrics.jsonl")  # not started: snapshots set by hand
+    sampler.snapshots = {
+        0: {"t": 0.0, "machine_busy_s": 0.0, "procs": {1: ("driver", 0.0), 2: ("workers", 0.0), 9: ("workers", 1.0)}},
+        2: {"t": 5.0, "machine_busy_s": 6.0, "procs": {1: ("driver", 1.0), 2: ("workers", 4.0)}},
+        4: {"t": 10.0, "machine_busy_s": 15.0,
+            "procs": {1: ("driver", 2.0), 2: ("workers", 8.0), 3: ("ray_runtime", 1.0)}},
+    }  # fmt: skip
+    c = sampler.cores(1, 4)  # no snapshot at line 1: the window starts at the one before it (line 0)
+    assert c["window_s"] == 10.0
+    assert c["driver"] == pytest.approx(0.2) and c["workers"] == pytest.approx(0.8)
+    assert c["ray_runtime"] == pytest.approx(0.1)  # started inside the window: counted from 0
+    assert c["machine"] == pytest.approx(1.5) and c["others"] == pytest.approx(1.5 - 1.1)
+    assert sampler.cores(2, 4)["workers"] == pytest.approx(4.0 / 5.0)
 
 
 def test_prefetch_hides_the_decode():

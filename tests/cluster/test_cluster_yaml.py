@@ -573,13 +573,13 @@ def test_runtime_env_uploads_the_real_package() -> None:
     uploaded = _uploaded_files(ROOT, _load(CLUSTER / "runtime_env.yaml"), include_gitignore=False)
     sources = [
         p.relative_to(ROOT).as_posix()
-        for pkg in ("cacovid_rl", "actors", "learner")
+        for pkg in ("cacovid_rl", "cacovid_cli", "actors", "learner")
         for p in (ROOT / pkg).rglob("*.py")
         if "__pycache__" not in p.parts
     ]
     assert sources and not [s for s in sources if s not in uploaded]
     assert all(f"configs/{n}" in uploaded for n in PRODUCTION)
-    assert not [f for f in uploaded if f.split("/")[0] in {"data", "runs", "wandb"}]
+    assert not [f for f in uploaded if f.split("/")[0] in {"data", "runs", "wandb", "research"}]
 
 
 # ------------------------------------------------------------------------------------------------

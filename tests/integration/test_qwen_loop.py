@@ -93,7 +93,7 @@ def test_trajectory_carries_3d_mrope_positions(qwen_setup: tuple[Path, Path], tm
     assert worker.adapter.family == "qwen2_5_vl"
     rec = load_records(cfg.data.train_path, cfg.data.video_root).records[0]
     status, payload = worker.run(WorkItem(0, 0, 0, WorkItem.record_to_dict(rec)))
-    assert status["status"] == "ok", status
+    assert status.status == "ok", status
     traj = Trajectory.from_bytes(payload)
     pos = np.asarray(traj.position_ids)
     assert pos.ndim == 2 and pos.shape[0] == 3, pos.shape

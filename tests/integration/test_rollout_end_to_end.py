@@ -48,7 +48,7 @@ def rolled_out(tmp_path_factory) -> tuple[Config, RewardWorker, list[tuple[QARec
     out = []
     for i, rec in enumerate(load_records(data / "train.json", data).records):
         status, payload = worker.run(WorkItem(i, 0, 0, WorkItem.record_to_dict(rec)))
-        assert status["status"] == "ok", status
+        assert status.status == "ok", status
         out.append((rec, Trajectory.from_bytes(payload)))
     return cfg, worker, out
 

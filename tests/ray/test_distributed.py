@@ -27,11 +27,11 @@ def test_actors_hold_the_published_weights_and_roll_out_on_policy(local_ray, tmp
     ``kl_coef`` > 0 makes every update move the weights, so consecutive versions really differ."""
     import ray
 
+    from actors.weights import WeightHandle
     from cacovid_rl.data.records import load_records
     from learner.driver import DataCursor
     from learner.learner_actor import Learner
     from learner.pool import ActorPool
-    from learner.weights import WeightHandle
 
     cfg = make_cfg(tmp_path, synthetic_dir, "rollout.iterations=1", "learner.max_staleness=0", "loss.kl_coef=0.01")
     learner = Learner(cfg.to_dict())  # in this process: the test reads its metrics directly
@@ -41,24 +41,24 @@ def test_actors_hold_the_published_weights_and_roll_out_on_policy(local_ray, tmp
         pool.resize(force=True)
         pool.wait_ready(2, timeout=120)
         slots = list(pool.slots.values())
-        assert [ray.get(s.handle.info.remote())["version"] for s in slots] == [-1, -1]
+        assert [ray.get(s.handle.info.remote()).version for s in slots] == [-1, -1]
         handle = learner.publish()
         for step in range(3):
             assert ray.get([s.handle.sync.remote(handle) for s in slots], timeout=60) == [step, step]
-            held = [ray.get(s.handle.info.remote(), timeout=60)["weights_checksum"] for s in slots]
+            held = [ray.get(s.handle.info.remote(), timeout=60).weights_checksum for s in slots]
             assert held == [handle.checksum] * 2, f"version {step}: the actors do not hold the published weights"
             calls = [s.handle.run.remote(cursor.item(2 * step + k, step), handle) for k, s in enumerate(slots)]
             statuses = ray.get([status for status, _ in calls], timeout=120)
-            assert [st["status"] for st in statuses] == ["ok", "ok"], statuses
-            assert {st["weight_version"] for st in statuses} == {step}
-            assert {st["weights_checksum"] for st in statuses} == {handle.checksum}
+            assert [st.status for st in statuses] == ["ok", "ok"], statuses
+            assert {st.weight_version for st in statuses} == {step}
+            assert {st.actor.weights_checksum for st in statuses} == {handle.checksum}
             res = learner.update(statuses, [payload for _, payload in calls])
-            m = res["metrics"]
+            m = res.metrics
             assert m["learner/stale_trajectories"] == 0
             assert m["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5), (step, m)
             assert abs(m["policy/approx_kl"]) < 1e-8, (step, m)
-            assert res["version"] == step + 1 and res["handle"].checksum != handle.checksum
-            handle = res["handle"]
+            assert res.version == step + 1 and res.handle.checksum != handle.checksum
+            handle = res.handle
         bad = WeightHandle(handle.version + 1, handle.refs, "00000000", handle.meta, handle.published_at, 0)
         with pytest.raises(ray.exceptions.RayTaskError, match="checksum"):
             ray.get(slots[0].handle.sync.remote(bad), timeout=60)
@@ -131,7 +131,7 @@ def _kill_actor_after_submitting(monkeypatch: pytest.MonkeyPatch, index: int, re
 
     def submit_then_kill(self: ActorPool, slot, item, handle, prefetch: bool = True):
         refs = submit(self, slot, item, handle, prefetch)
-        if item["index"] == index and not killed.is_set():
+        if item.index == index and not killed.is_set():
             killed.set()
             ray.kill(slot.handle, no_restart=not restart)
         return refs
@@ -182,7 +182,8 @@ def test_update_reports_trajectories_lost_with_their_node(tmp_path: Path, synthe
     the update must not fail or train on a partial batch; it names the lost ones so the driver re-runs them."""
     import ray
 
-    from learner.learner_actor import Learner
+    from cacovid_rl.rl.worker import RolloutStatus
+    from learner.learner_actor import Learner, UpdateResult
 
     cluster = simulated_cluster(1)
     cfg = make_cfg(tmp_path, synthetic_dir, *CLUSTER_OVERRIDES)
@@ -195,13 +196,33 @@ def test_update_reports_trajectories_lost_with_their_node(tmp_path: Path, synthe
     ray.wait([ref], fetch_local=False)
     learner = ray.remote(Learner).options(num_cpus=0, resources={"learner": 1}).remote(cfg.to_dict(), None)
     cluster.remove_node(cluster.nodes[0])
-    res = ray.get(learner.update.remote([{"status": "ok"}], [ref]), timeout=120)
-    assert res == {"lost": [0], "version": 0}
+    res = ray.get(learner.update.remote([RolloutStatus(0, 0, "s0", "reward-0", 0, "ok")], [ref]), timeout=120)
+    assert res == UpdateResult(0, lost=(0,))
     ray.kill(learner)
 
 
-def test_hung_actor_is_restarted_and_its_work_redispatched(local_ray, tmp_path: Path, synthetic_dir: Path):
+def _hangable_reward_actor() -> type:
+    """A reward actor with a ``hang`` call (a stand-in for a hung GPU kernel). Defined in a function so Ray ships the
+    class by value: workers cannot import this test module by name (another ``tests`` package is installed)."""
+    import time
+
+    from actors.reward_actor import RewardActor
+
+    class HangableRewardActor(RewardActor):
+        def hang(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    return HangableRewardActor
+
+
+def test_hung_actor_is_restarted_and_its_work_redispatched(
+    local_ray, tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
     import ray
+
+    import learner.pool
+
+    monkeypatch.setattr(learner.pool, "RewardActor", _hangable_reward_actor())
 
     # Enough questions that the hung actor is still handed work after the hang call lands.
     cfg = make_cfg(tmp_path, synthetic_dir, "learner.total_steps=8", "cluster.call_timeout_s=8")

@@ -1,10 +1,10 @@
-"""Poison records on the real debug mode (local Ray, the shipped tiny model): training ends, nothing loops (issue 14).
+"""Poison records on the real debug mode (local Ray, the shipped tiny model): training ends, nothing loops.
 
 The failures are injected inside the reward actors by Ray's ``worker_process_setup_hook`` (the patch is installed in
 every worker process, restarted ones included), keyed by the video a record names, at the point where a real
-record failed: frame decoding, inside the item's own code. Before the fix, an exception of an unexpected type
-(the tokenizer's TypeError on a lone surrogate) came back as a task error and was re-dispatched forever (1,176
-re-dispatches in 90 s), and an item that hung or killed its actor was re-dispatched forever too.
+record fails: frame decoding, inside the item's own code. The cases are the ways a record can stall a run: an
+exception of an unexpected type (the tokenizer's TypeError on a lone surrogate) must be a skip, not a task error that
+is re-dispatched forever, and an item that hangs or kills its actor must be quarantined after its strikes.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_poison_items_are_skipped_or_quarantined_and_training_finishes(
     data, ids = _poison_data(synthetic_dir, tmp_path, cfg.seed)
     cfg = cfg.replace(**{"data.train_path": str(data / "train.json"), "data.video_root": str(data)})
     run = BackgroundRun(cfg)
-    summary = run.join(timeout=540)  # before the fix: never, the raising item was re-dispatched forever
+    summary = run.join(timeout=540)  # a run that re-dispatched a poison item forever would never get here
     counters = summary["counters"]
     assert summary["version"] == 2
     assert sorted(counters["consumed_indices"]) == list(range(8)), "every question of the run is accounted for"

@@ -1,7 +1,8 @@
-"""A SIGTERM to the driver's whole process group keeps the stop checkpoint (issue 14), on the real CLI and Ray.
+"""A SIGTERM to the driver's whole process group keeps the stop checkpoint, on the real CLI and Ray.
 
-``timeout``, supervisors and ``kill -- -PGID`` signal the group. The local raylet used to be in it, died while the
-driver saved, and the stop checkpoint was lost in 2 of 3 tries; the run also exited 0 like a finished one.
+``timeout``, supervisors and ``kill -- -PGID`` signal the group. A local raylet in that group would die while the
+driver saves its stop checkpoint (``learner/ray_runtime.py`` starts it in its own session), and an interrupted run
+must not exit 0 like a finished one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path: Path, 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cacovid_rl.cli", "train", "--config", str(config)],
+        [sys.executable, "-m", "cacovid_cli", "train", "--config", str(config)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -97,7 +97,8 @@ def test_bad_record_is_skipped_counted_and_retried(tmp_path: Path) -> None:
 
 def test_training_file_is_filtered_once_and_the_run_config_names_it(tmp_path: Path, monkeypatch) -> None:
     """``data.blind_filter``: ``cacovid-rl train`` blind-tests train_path once, then trains on (and records) it."""
-    from cacovid_rl import cli
+    from cacovid_cli.training import blind_filter
+    from cacovid_rl.config import load_config
     from cacovid_rl.data.blind_test import blind_filtered_path
     from cacovid_rl.data.records import save_records
     from cacovid_rl.models import loading
@@ -107,24 +108,25 @@ def test_training_file_is_filtered_once_and_the_run_config_names_it(tmp_path: Pa
     built: list[FakeAdapter] = []
     monkeypatch.setattr(loading, "load_adapter", lambda cfg: built.append(FakeAdapter()) or built[-1])
     overrides = [f"data.train_path={train}", f"data.video_root={tmp_path}", "data.blind_filter=true"]
-    cfg = cli.blind_filter(cli.load_config(None, overrides))
+    cfg = blind_filter(load_config(None, overrides))
     out = blind_filtered_path(train)
     assert out == tmp_path / "data" / "train.blind.json" and cfg.data.train_path == str(out)
     assert not cfg.data.blind_filter  # the resolved config (config.yaml of the run) reads the filtered file as is
     assert [r.sample_id for r in load_records(cfg.data.train_path, tmp_path).records] == ["s1", "s4"]
     assert len(built) == 1 and len(built[0].calls) == 6
-    again = cli.blind_filter(cli.load_config(None, overrides))
+    again = blind_filter(load_config(None, overrides))
     assert again.data.train_path == str(out) and len(built) == 1  # reused: no model loaded, nothing asked
-    assert cli.blind_filter(cfg) is cfg  # flag off: untouched
+    assert blind_filter(cfg) is cfg  # flag off: untouched
     summary = json.loads(summary_path(out).read_text())
     summary_path(out).write_text(json.dumps({**summary, "errors": 1}))  # a run that could not ask everything
-    cli.blind_filter(cli.load_config(None, overrides))
+    blind_filter(load_config(None, overrides))
     assert len(built) == 2 and built[1].calls == []  # resumed: the model is loaded, answered questions not re-asked
 
 
 def test_a_cached_blind_test_of_another_model_is_redone(tmp_path: Path, monkeypatch) -> None:
     """Retraining or replacing the checkpoint changes what it answers blind: the cached filter must not be reused."""
-    from cacovid_rl import cli
+    from cacovid_cli.training import blind_filter
+    from cacovid_rl.config import load_config
     from cacovid_rl.data.blind_test import blind_filtered_path, model_fingerprint
     from cacovid_rl.data.records import save_records
     from cacovid_rl.models import loading
@@ -139,13 +141,13 @@ def test_a_cached_blind_test_of_another_model_is_redone(tmp_path: Path, monkeypa
     monkeypatch.setattr(loading, "load_adapter", lambda cfg: built.append(FakeAdapter()) or built[-1])
     overrides = [f"data.train_path={train}", f"data.video_root={tmp_path}", "data.blind_filter=true"]
     overrides.append(f"model.path={model}")
-    cli.blind_filter(cli.load_config(None, overrides))
+    blind_filter(load_config(None, overrides))
     first = model_fingerprint(model)
     assert json.loads(summary_path(blind_filtered_path(train)).read_text())["model"] == first
-    cli.blind_filter(cli.load_config(None, overrides))
+    blind_filter(load_config(None, overrides))
     assert len(built) == 1  # same model: reused
     (model / "model.safetensors").write_bytes(b"weights v2, retrained")
     assert model_fingerprint(model) != first
-    cli.blind_filter(cli.load_config(None, overrides))
+    blind_filter(load_config(None, overrides))
     assert len(built) == 2 and len(built[1].calls) == 6  # another model: every question asked again
     assert json.loads(summary_path(blind_filtered_path(train)).read_text())["model"] == model_fingerprint(model)

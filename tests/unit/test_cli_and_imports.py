@@ -1,4 +1,7 @@
-"""The command line's surface and the library's Ray-free import contract."""
+"""The command line's surface, and its light imports (``--help`` loads neither torch nor Ray).
+
+Which package may import which is ``test_import_layers.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cacovid_rl.cli import build_parser, main, presets, report_parser, resolve_config
+from cacovid_cli.common import presets, resolve_config
+from cacovid_cli.main import build_parser, main
+from cacovid_cli.report import report_parser
 from cacovid_rl.config import ConfigError, load_config
 
 SUBCOMMANDS = [
@@ -19,7 +24,6 @@ SUBCOMMANDS = [
     "answer",
     "blind-test",
     "make-synthetic",
-    "train-tiny-vlm",
     "report",
     "convert-official",
 ]
@@ -58,12 +62,11 @@ def test_flags_mean_one_thing_everywhere():
             assert "overrides" in [a.dest for a in _subparser(sub)._actions], f"{sub}: --config without overrides"
     for sub in ("train", "eval", "answer", "blind-test", "report"):  # every subcommand that runs a model
         assert "--device" in _options(sub), sub
-    assert "--data-dir" in _options("train-tiny-vlm") and "--data" not in _options("train-tiny-vlm")
 
 
 def test_version_comes_from_the_installed_package():
     out = subprocess.run(
-        [sys.executable, "-m", "cacovid_rl.cli", "--version"], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-m", "cacovid_cli", "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip() == f"cacovid-rl {version('cacovid-rl')}"
     script = Path(sys.executable).parent / "cacovid-rl"  # the console script pip installed
@@ -103,7 +106,7 @@ def test_a_named_preset_resolves_from_any_directory(tmp_path, monkeypatch, capsy
 def test_the_installed_command_finds_a_preset_from_another_directory(tmp_path):
     """The real entry point, run where there is no configs/ directory (outside a clone)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "cacovid_rl.cli", "train", "--config", "debug_local", "learner.lrr=1"],
+        [sys.executable, "-m", "cacovid_cli", "train", "--config", "debug_local", "learner.lrr=1"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -128,26 +131,42 @@ def test_configs_ship_as_package_data():
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert tool["package-dir"]["cacovid_rl.configs"] == "configs"
     assert "*.yaml" in tool["package-data"]["cacovid_rl.configs"]
-    found = find_namespace_packages(str(root), include=["cacovid_rl*", "actors*", "learner*"])
+    found = find_namespace_packages(str(root), include=["cacovid_rl*", "cacovid_cli*", "actors*", "learner*"])
     assert sorted(tool["packages"]) == sorted([*found, "cacovid_rl.configs"])
     assert (root / "configs" / "debug_local.yaml").is_file()
 
 
-def test_library_never_imports_ray():
+def test_the_subcommand_list_is_complete():
+    """Every subcommand the parser offers is in SUBCOMMANDS (so the help and flag tests above cover it)."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)
+
+
+def test_help_and_config_errors_import_neither_torch_nor_ray():
+    """``--help`` (of the command and of every subcommand but the report, whose options live beside its torch
+    code) and a config mistake are answered without loading torch, transformers or Ray."""
+    subs = [s for s in SUBCOMMANDS if s != "report"]
     code = (
-        "import importlib, pkgutil, sys, cacovid_rl\n"
-        "for m in pkgutil.walk_packages(cacovid_rl.__path__, 'cacovid_rl.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "bad = sorted(k for k in sys.modules if k == 'ray' or k.startswith('ray.'))\n"
-        "assert not bad, bad\n"
+        "import sys\n"
+        "from cacovid_cli.main import main\n"
+        f"for argv in [['--help'], *[[s, '--help'] for s in {subs!r}]]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (argv, exc.code)\n"
+        "assert main(['train', '--config', 'debug_local', 'learner.lrr=1']) == 2\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'ray'))\n"
+        "assert not heavy, heavy[:10]\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: cacovid-rl train" in proc.stdout and "learner.lrr" in proc.stderr
 
 
 def test_train_refuses_synthetic_data_of_another_generator(tmp_path):
     import json
 
-    from cacovid_rl.cli import ensure_data
+    from cacovid_cli.training import ensure_data
     from cacovid_rl.config import load_config
     from cacovid_rl.data.synthetic import TASK
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from cacovid_rl.cli import UserError, _split_options, main
+from cacovid_cli.answer import split_options
+from cacovid_cli.common import UserError
+from cacovid_cli.main import main
 from cacovid_rl.data import synthetic
 from cacovid_rl.data.prompts import build_prompt, letter_options, problem_with_options
 
@@ -41,7 +43,7 @@ def workdir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("readme")
     make = _readme_line("cacovid-rl make-synthetic --out data/clips")
-    assert subprocess.run([sys.executable, "-m", "cacovid_rl.cli", *make], cwd=root, timeout=300).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "cacovid_cli", *make], cwd=root, timeout=300).returncode == 0
     torch.manual_seed(0)
     CacovidPolicy.from_adapter(load_adapter(ModelConfig(path="tiny"))).save_pretrained(root / "runs/debug_local/policy")
     return root
@@ -132,7 +134,7 @@ def test_user_errors_print_one_line_and_exit_2(workdir, change, message):
         else:
             argv += [flag, value]
     proc = subprocess.run(
-        [sys.executable, "-m", "cacovid_rl.cli", *argv], cwd=workdir, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cacovid_cli", *argv], cwd=workdir, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -171,4 +173,4 @@ def test_options_are_laid_out_as_the_training_records():
         letter_options(["A. red", "green"])
     with pytest.raises(ValueError, match="no options"):
         letter_options([" "])
-    assert _split_options(["A. red\nB. green"]) == ["A. red", "B. green"]  # one argument, one option per line
+    assert split_options(["A. red\nB. green"]) == ["A. red", "B. green"]  # one argument, one option per line

@@ -11,7 +11,7 @@ import torch
 from cacovid_rl.inference import CacovidPruner, PrunedAnswer, subsample_frames
 from cacovid_rl.models.tiny import save_adapter, tiny_llava_onevision, tiny_qwen2_5_vl
 from cacovid_rl.policy.network import CacovidPolicy
-from cacovid_rl.types import EncodedQuestion, PolicyScores
+from cacovid_rl.types import PolicyScores
 
 QUESTION = "what colour is the striped object ?"
 
@@ -50,8 +50,8 @@ def test_answer_prunes_with_the_policy_and_selection(pruner, adapter, frames):
 
 
 @pytest.mark.parametrize("case_id", ["eval_002", "eval_008"])
-def test_pruner_keeps_what_the_official_selection_keeps(pruner, adapter, monkeypatch, case_id):
-    """Fed the official code's policy scores (golden data), the pruner keeps the official code's tokens: checked
+def test_answer_keeps_what_the_official_selection_keeps(pruner, monkeypatch, case_id):
+    """Fed the official code's policy scores (golden data), ``answer`` keeps the official code's tokens: checked
     against the official output, not against ``select_tokens``, so a selection bug cannot hide behind itself."""
     from tests.golden_io import blob, load_golden
 
@@ -59,11 +59,12 @@ def test_pruner_keeps_what_the_official_selection_keeps(pruner, adapter, monkeyp
     assert (case["T"], case["N"], case["imp_ratio"]) == (4, 16, pruner.imp_ratio)
     scores = PolicyScores(torch.from_numpy(blob(case["token_scores"])), torch.from_numpy(blob(case["frame_scores"])))
     monkeypatch.setattr(pruner.policy, "score", lambda enc: scores)
-    # A 4 x 16-token video block between text embeddings, as the golden case's 4x4 grids.
-    embeds = torch.randn(3 + 64 + 2, adapter.hidden_size)
-    enc = EncodedQuestion(embeds, torch.arange(embeds.shape[0]), 3, 4, 16)
-    keep, got = pruner.select(enc, case["retention"])
-    assert got is scores and keep.tolist() == case["official_kept"]
+    # 64 px frames: 8 x 8 patches pooled to the golden case's 4 x 4 tokens a frame; 4 frames.
+    llm = tiny_llava_onevision(seed=0, image_size=64)
+    frames = np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    out = pruner.answer(llm, frames, QUESTION, case["retention"], num_frames=4, max_new_tokens=1)
+    assert out.num_video_tokens == 4 * 16
+    assert out.kept_indices.tolist() == case["official_kept"]
 
 
 def test_full_retention_equals_the_unpruned_answer(pruner, adapter, frames):

@@ -3,7 +3,7 @@
 The ranks run ``PolicyUpdater.update`` on their shares of the same batches (``learner_group.shard_batch``) with
 ``TorchGradientSync``; the weights they end with must equal one learner's on the whole batches (float tolerance:
 the gradient is summed in another order), the replicas must be byte-identical, and the combined metrics must match.
-Also: the flat-buffer binding the learner publishes from (item 4 of issue 18) survives optimiser steps.
+Also: the flat-buffer binding the learner publishes from survives optimiser steps.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from actors.weights import state_checksum
 from cacovid_rl.config import load_config
-from cacovid_rl.data.records import QARecord
 from cacovid_rl.models.tiny import tiny_llava_onevision
 from cacovid_rl.policy.network import CacovidPolicy
-from cacovid_rl.rl.rollout import rollout_question, sample_generator
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import PolicyUpdater
-from learner.learner_group import SHARED_METRICS, TorchGradientSync, combine_metrics, shard_batch
-from learner.weights import state_checksum
+from learner.learner_group import SHARED_METRICS, ShardResult, TorchGradientSync, combine_metrics, shard_batch
+from tests.planted import planted_trajectory
 
 CFG = load_config(
     None,
@@ -43,24 +42,7 @@ CFG = load_config(
 
 
 def _trajectory(adapter, policy, sample: str, seed: int) -> Trajectory:
-    frames = np.random.default_rng(seed).integers(0, 255, (8, 48, 48, 3), dtype=np.uint8)
-    rec = QARecord(
-        sample_id=sample,
-        problem="what colour is the circle ? A. red B. blue",
-        answer="A",
-        solution="<answer>A</answer>",
-        problem_type="multiple choice",
-        video=Path("unused.mp4"),
-        options=("A. red", "B. blue"),
-    )
-    res = rollout_question(
-        adapter, policy, rec, frames, CFG.sampling, CFG.rollout, CFG.model, sample_generator(0, sample, 0)
-    )
-    traj = Trajectory.from_rollout(
-        res, sample_id=sample, epoch=0, batch_index=0, weight_version=0, problem_type=rec.problem_type
-    )
-    traj.rewards = np.random.default_rng(seed + 1).integers(0, 2, traj.num_samples).astype(np.float32)
-    return Trajectory.from_bytes(traj.to_bytes())
+    return planted_trajectory(adapter, policy, CFG, sample, frame_seed=seed, reward_seed=seed + 1)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +73,7 @@ def _rank_main(rank: int, world: int, port: int, policy_dir: str, batches: list[
         updater.sync = TorchGradientSync(rank, world, "cpu")
         metrics = []
         for batch in batches:
-            statuses = [{"weight_version": 0} for _ in batch]
-            shard = shard_batch(statuses, 0, 2, world)[rank]
+            shard = shard_batch([0] * len(batch), 0, 2, world)[rank]
             mine = [Trajectory.from_bytes(batch[i]) for i in shard]
             m = updater.update(mine, version=0, total=len(batch))
             metrics.append({"metrics": m, "fresh": len(mine)})
@@ -104,12 +85,12 @@ def _rank_main(rank: int, world: int, port: int, policy_dir: str, batches: list[
 
 
 def test_shard_batch_splits_fresh_first_and_covers_everything():
-    statuses = [{"weight_version": v} for v in (5, 5, 1, 5, 5, 5, 2)]  # at version 5, window 2: 1 and 2 are stale
-    shards = shard_batch(statuses, 5, 2, 2)
+    versions = [5, 5, 1, 5, 5, 5, 2]  # at version 5, window 2: 1 and 2 are stale
+    shards = shard_batch(versions, 5, 2, 2)
     assert sorted(i for s in shards for i in s) == list(range(7))
-    fresh = [[i for i in s if statuses[i]["weight_version"] == 5] for s in shards]
+    fresh = [[i for i in s if versions[i] == 5] for s in shards]
     assert fresh == [[0, 1, 3], [4, 5]]
-    assert shard_batch(statuses[:1], 5, 2, 3) == [[0], [], []]  # fewer questions than ranks: rank 0 gets them
+    assert shard_batch(versions[:1], 5, 2, 3) == [[0], [], []]  # fewer questions than ranks: rank 0 gets them
 
 
 def test_two_learners_take_the_steps_of_one(setup, tmp_path: Path):
@@ -144,15 +125,8 @@ def test_two_learners_take_the_steps_of_one(setup, tmp_path: Path):
     assert moved, "the updates must move the weights for the comparison to mean anything"
     for b, want in enumerate(single_metrics):
         results = [
-            {
-                "metrics": r["metrics"][b]["metrics"],
-                "fresh": r["metrics"][b]["fresh"],
-                "partial": {"rewards_n": 0.0, "rewards_sum": 0.0, "rewards_sumsq": 0.0, "trajs": 0, "rate_sum": 0.0,
-                            "staleness": [], "bytes": 0.0},
-                "timing": {"fetch": 0.0, "update": 1.0},
-            }
-            for r in ranks
-        ]  # fmt: skip
+            ShardResult(0, r["metrics"][b]["metrics"], fresh=r["metrics"][b]["fresh"], update_s=1.0) for r in ranks
+        ]
         got = combine_metrics(results, len(batches[b]))
         for k, v in want.items():
             if k in SHARED_METRICS or k.startswith(("loss/", "policy/")):

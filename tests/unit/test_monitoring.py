@@ -17,6 +17,7 @@ import torch
 from cacovid_rl.config import LossConfig, load_config
 from cacovid_rl.device_stats import GB, DeviceMonitor, peak_rss_bytes, rss_bytes
 from cacovid_rl.rl.loss import bernoulli_entropy, cacovid_loss
+from cacovid_rl.rl.worker import ActorReport, RolloutStatus, WorkItem
 from cacovid_rl.types import MODE_FRAME, MODE_TOKEN, PolicyScores
 from learner.monitoring import SAMPLE_COLUMNS, ClusterMonitor, learner_metrics, log_samples
 from tests.wandb_io import read_offline_records
@@ -125,22 +126,28 @@ def test_monitoring_gpu_real_card() -> None:
 # cluster aggregation
 
 
-def _status(aid: str, combos: int, items: int, busy: float, started: float = 100.0, peak: float = 1.0, **kw) -> dict:
-    return {
-        "actor_id": aid,
-        "status": "ok",
-        "combos": 28,
-        "elapsed_s": 2.0,
-        "timings": {"score": 1.5, "encode": 0.25},
-        "busy_s": busy,
-        "alive_s": kw.get("alive", 100.0),
-        "sync_latency_s": kw.get("latency", 0.5),
-        "sync_load_s": 0.01,
-        "pid": 7,
-        "actor_started": started,
-        "totals": {"items": items, "combos": combos, "video_tokens": 128 * items, "kept_tokens": 8 * combos},
-        "device": {"on_gpu": 0.0, "peak_gb": peak, "mem_gb": peak / 2, "rss_gb": peak / 2, "cpu_util": 0.9},
-    }
+def _status(
+    aid: str, combos: int, items: int, busy: float, started: float = 100.0, peak: float = 1.0, **kw
+) -> RolloutStatus:
+    report = ActorReport(
+        node_id="n",
+        pid=7,
+        actor_started=started,
+        version=0,
+        weights_checksum="x",
+        busy_s=busy,
+        alive_s=kw.get("alive", 100.0),
+        synced=False,
+        sync_latency_s=kw.get("latency", 0.5),
+        sync_load_s=0.01,
+        totals={"items": items, "combos": combos, "video_tokens": 128 * items, "kept_tokens": 8 * combos},
+        device=kw.get(
+            "device", {"on_gpu": 0.0, "peak_gb": peak, "mem_gb": peak / 2, "rss_gb": peak / 2, "cpu_util": 0.9}
+        ),
+    )
+    return RolloutStatus(
+        0, 0, "s", aid, 0, "ok", combos=28, elapsed_s=2.0, timings={"score": 1.5, "encode": 0.25}, actor=report
+    )
 
 
 def test_cluster_metrics_rates_spread_restarts_and_removed_actors() -> None:
@@ -187,12 +194,13 @@ def test_first_window_leaves_out_the_start_up_wait() -> None:
     assert mon.metrics(stats)["perf/combos_per_s"] == pytest.approx(20 / 10)  # later windows: the clock
 
 
-def test_cluster_metrics_without_totals_fall_back_to_the_old_metrics() -> None:
-    s = _status("a", 1, 1, 1.0)
-    del s["totals"], s["device"]
-    m = ClusterMonitor(clock=iter([0.0, 1.0]).__next__).metrics({"a": s})
-    assert "perf/combos_per_s" not in m and "mem/actor_peak_gb_max" not in m
-    assert m["perf/actor_utilisation"] == pytest.approx(0.01)
+def test_cluster_metrics_leave_out_statuses_without_an_actor_report_and_empty_device_readings() -> None:
+    quarantined = RolloutStatus.quarantined(WorkItem(3, 0, 0, {"problem_id": "q"}), "hung twice")
+    m = ClusterMonitor(clock=iter([0.0, 1.0]).__next__).metrics(
+        {"a": _status("a", 10, 1, 1.0, device={}), "q": quarantined}
+    )
+    assert "mem/actor_peak_gb_max" not in m and m["perf/actors_reporting"] == 1.0
+    assert m["perf/combos_per_s"] == pytest.approx(10.0) and m["perf/actor_utilisation"] == pytest.approx(0.01)
 
 
 def test_learner_metrics_names_and_busy_share() -> None:
@@ -247,36 +255,33 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 def test_reward_actor_status_carries_device_readings_and_token_counters(tiny) -> None:
     from actors.reward_actor import RewardActor
     from cacovid_rl.rl.trajectory import Trajectory
-    from cacovid_rl.rl.worker import WorkItem
 
     cfg, records = tiny
     actor = RewardActor(cfg.to_dict(), "reward-0")
     held = SimpleNamespace(version=actor.worker.version)  # the version already held: no weight fetch
     statuses, payloads = [], []
     for i, rec in enumerate(records[:2]):
-        status, payload = actor.run(
-            {"index": i, "batch_index": 0, "epoch": 0, "record": WorkItem.record_to_dict(rec)}, held
-        )
+        status, payload = actor.run(WorkItem(i, 0, 0, WorkItem.record_to_dict(rec)), held)
         statuses.append(status)
         payloads.append(payload)
     trajs = [Trajectory.from_bytes(p) for p in payloads]
     for status, traj in zip(statuses, trajs, strict=True):
-        assert status["status"] == "ok"
-        assert status["video_tokens"] == traj.num_frames * traj.tokens_per_frame == 128
-        assert status["kept_tokens"] == int(traj.keep_lengths.sum()) > 0
-        dev = status["device"]
+        assert status.status == "ok"
+        assert status.video_tokens == traj.num_frames * traj.tokens_per_frame == 128
+        assert status.kept_tokens == int(traj.keep_lengths.sum()) > 0
+        dev = status.actor.device
         assert dev["on_gpu"] == 0.0 and dev["rss_gb"] > 0 and dev["peak_gb"] >= dev["mem_gb"] > 0
-        assert dev["cpu_util"] > 0 and status["pid"] > 0 and status["actor_started"] == actor.worker.started
-    assert statuses[1]["totals"] == {
+        assert dev["cpu_util"] > 0 and status.actor.pid > 0 and status.actor.actor_started == actor.worker.started
+    assert statuses[1].actor.totals == {
         "items": 2,
-        "combos": statuses[0]["combos"] + statuses[1]["combos"],
+        "combos": statuses[0].combos + statuses[1].combos,
         "video_tokens": 256,
-        "kept_tokens": statuses[0]["kept_tokens"] + statuses[1]["kept_tokens"],
+        "kept_tokens": statuses[0].kept_tokens + statuses[1].kept_tokens,
     }
     m = ClusterMonitor(clock=iter([0.0, 2.0]).__next__).metrics({"reward-0": statuses[1]})
-    window = min(2.0, statuses[1]["alive_s"])  # the actor was up for less than the clock's 2 s
+    window = min(2.0, statuses[1].actor.alive_s)  # the actor was up for less than the clock's 2 s
     assert m["perf/video_tokens_per_s"] == pytest.approx(256 / window)
-    assert m["mem/actor_peak_gb_max"] == statuses[1]["device"]["peak_gb"]
+    assert m["mem/actor_peak_gb_max"] == statuses[1].actor.device["peak_gb"]
 
 
 def test_learner_device_metrics_after_an_update(tiny) -> None:
@@ -303,15 +308,15 @@ def test_sample_questions_and_the_wandb_table_read_back(tiny, tmp_path: Path, mo
     from cacovid_rl.data.video import read_frames
     from cacovid_rl.eval.samples import pick_retention, sample_questions
     from cacovid_rl.models.loading import load_adapter
+    from cacovid_rl.policy.network import CacovidPolicy
     from cacovid_rl.policy.selection import select_tokens
     from cacovid_rl.rl.rewards import compute_reward
-    from cacovid_rl.rl.worker import build_policy
     from learner.metrics import MetricsLogger
 
     cfg, records = tiny
     adapter = load_adapter(cfg.model)
     torch.manual_seed(0)
-    policy = build_policy(cfg, adapter).eval()
+    policy = CacovidPolicy.from_adapter(adapter, cfg.policy).eval()
     assert pick_retention(cfg.eval.retentions) == 0.1 and pick_retention([0.25, 0.05]) == 0.05
     samples = sample_questions(adapter, policy, records, cfg, n=2)
     assert [s["sample_id"] for s in samples] == [r.sample_id for r in records[:2]]

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cacovid_rl.cli import main
+from cacovid_cli.main import main
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.policy.official import OfficialCheckpointError, convert_official
 

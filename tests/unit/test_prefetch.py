@@ -191,10 +191,10 @@ def test_a_redispatched_item_gives_the_same_trajectory_with_and_without_prefetch
         hinted.append(on.run(cur))
     plain = [on.run(it) for it in items]
     off_runs = [off.run(it) for it in items]
-    assert [s["prefetched"] for s, _ in hinted] == [False, True, True]
-    assert not any(s["prefetched"] for s, _ in plain + off_runs)
+    assert [s.prefetched for s, _ in hinted] == [False, True, True]
+    assert not any(s.prefetched for s, _ in plain + off_runs)
     for (s1, b1), (s2, b2), (s3, b3) in zip(hinted, plain, off_runs, strict=True):
-        assert s1["status"] == s2["status"] == s3["status"] == "ok"
+        assert s1.status == s2.status == s3.status == "ok"
         assert _content(b1) == _content(b2) == _content(b3)  # byte-identical trajectories
     assert len(on.prefetcher) == 0
 
@@ -208,6 +208,6 @@ def test_a_failed_background_decode_is_the_items_normal_skip(workers, clips: Pat
     bad = WorkItem(99, 0, 0, record)
     assert on.prefetch(bad)
     status, payload = on.run(bad)
-    assert status["status"] == "skipped" and status["reason"] == "bad_video" and payload == b""
-    assert "does not exist" in status["error"]
-    assert on.run(item)[0]["status"] == "ok"  # the actor goes on
+    assert status.status == "skipped" and status.reason == "bad_video" and payload == b""
+    assert "does not exist" in status.error
+    assert on.run(item)[0].status == "ok"  # the actor goes on

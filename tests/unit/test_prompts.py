@@ -37,9 +37,9 @@ def test_tiny_vlm_token_ids_do_not_depend_on_the_spacing() -> None:
 
     from cacovid_rl.data import synthetic
     from cacovid_rl.data.prompts import chat_text
-    from cacovid_rl.models.tiny_vlm import ASSET_DIR
+    from cacovid_rl.models.loading import TINY_ASSET
 
-    tok = AutoTokenizer.from_pretrained(ASSET_DIR)
+    tok = AutoTokenizer.from_pretrained(TINY_ASSET)
     problem = "What colour are the dots in the grey box ?\nOptions:\n" + "\n".join(synthetic.options())
     for problem_type, instruction in INSTRUCTIONS.items():
         ids = tok(chat_text(tok, build_prompt(problem, problem_type)), add_special_tokens=False)["input_ids"]

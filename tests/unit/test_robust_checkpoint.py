@@ -1,4 +1,4 @@
-"""Checkpoints that verify, fall back and prune only their own run (issue 14), and metrics that do not repeat steps.
+"""Checkpoints that verify, fall back and prune only their own run, and metrics that do not repeat steps.
 
 Ray-free: ``save_checkpoint``/``find_resumable`` on a real tiny policy, the driver's resume decision and its
 checkpoint-failure policy with the Ray call replaced.
@@ -66,7 +66,7 @@ def test_new_run_beside_a_previous_runs_higher_steps_keeps_its_own_checkpoints(t
     for step in (1, 2, 3):
         _save(tmp_path, step, updater, "current", keep=2)
     names = sorted(p.name for p in tmp_path.glob("step_*"))
-    # Pruning "the newest 2 names" used to delete each new checkpoint right after writing it.
+    # Another run's higher step numbers must not count: keeping "the newest 2 names" would delete each new one.
     assert names == ["step_00000002", "step_00000003", "step_00000100", "step_00000200"]
     assert all(p.is_dir() for p in old)
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000003"
@@ -75,28 +75,28 @@ def test_new_run_beside_a_previous_runs_higher_steps_keeps_its_own_checkpoints(t
 
 
 def test_resume_without_a_usable_checkpoint_is_an_error_unless_asked_to_start(tmp_path: Path, updater) -> None:
-    from learner.driver import ResumeError, _resume_point
+    from learner.resume import ResumeError, resume_point
 
     cfg = CFG.replace(**{"learner.checkpoint_dir": str(tmp_path)})
-    with pytest.raises(ResumeError, match="--resume-or-start"):  # empty dir: used to start from scratch silently
-        _resume_point(cfg, tmp_path, True, False, False)
+    with pytest.raises(ResumeError, match="--resume-or-start"):  # empty dir: never a silent fresh start
+        resume_point(cfg, tmp_path, True, False, False)
     (tmp_path / "LATEST").write_text("step_00000042\n")  # dangling pointer
     with pytest.raises(ResumeError, match="no verified checkpoint"):
-        _resume_point(cfg, tmp_path, True, False, False)
-    path, run_id = _resume_point(cfg, tmp_path, True, True, False)
+        resume_point(cfg, tmp_path, True, False, False)
+    path, run_id = resume_point(cfg, tmp_path, True, True, False)
     assert path is None and run_id
 
 
 def test_resume_refuses_a_changed_run_definition(tmp_path: Path, updater) -> None:
-    from learner.driver import ResumeError, _resume_point
+    from learner.resume import ResumeError, resume_point
 
     _save(tmp_path, 1, updater, "run-a")
     same = CFG.replace(**{"learner.total_steps": 20})  # extending a run is fine
-    assert _resume_point(same, tmp_path, True, False, False) == (tmp_path / "step_00000001", "run-a")
+    assert resume_point(same, tmp_path, True, False, False) == (tmp_path / "step_00000001", "run-a")
     for key, value in (("seed", 7), ("learner.questions_per_step", 4)):
         with pytest.raises(ResumeError, match=key.replace(".", r"\.")):
-            _resume_point(CFG.replace(**{key: value}), tmp_path, True, False, False)
-    assert _resume_point(CFG.replace(seed=7), tmp_path, True, False, True)[0] == tmp_path / "step_00000001"
+            resume_point(CFG.replace(**{key: value}), tmp_path, True, False, False)
+    assert resume_point(CFG.replace(seed=7), tmp_path, True, False, True)[0] == tmp_path / "step_00000001"
 
 
 def test_failed_periodic_save_warns_and_the_final_one_fails_loudly(tmp_path: Path, monkeypatch, caplog) -> None:

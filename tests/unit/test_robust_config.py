@@ -1,7 +1,8 @@
-"""Operator mistakes caught before anything starts (issue 14): range checks, YAML traps, paths, CLI exit codes.
+"""Operator mistakes caught before anything starts: range checks, YAML traps, paths, CLI exit codes.
 
-Each case used to pass validation and fail late (inside a Ray actor, at the first periodic evaluation, at the first
-checkpoint) or give a traceback with exit 1; now each is one ``error:`` line naming the key or file, exit 2.
+Uncaught, each case would pass validation and fail late (inside a Ray actor, at the first periodic evaluation, at
+the first checkpoint) or end in a traceback with exit 1; each must be one ``error:`` line naming the key or file,
+exit 2.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cacovid_rl.cli import main
+from cacovid_cli.main import main
 from cacovid_rl.config import ConfigError, load_config
 
 
@@ -39,15 +40,15 @@ def test_values_that_failed_late_are_rejected_at_load(override: str, needle: str
 def test_yaml_integer_key_duplicate_section_and_binary_file_name_the_problem(tmp_path: Path) -> None:
     int_key = tmp_path / "int.yaml"
     int_key.write_text("learner:\n  1: 3\n")
-    with pytest.raises(ConfigError, match="must be a name"):  # was a TypeError from sorting int and str keys
+    with pytest.raises(ConfigError, match="must be a name"):  # not a TypeError from sorting int and str keys
         load_config(int_key)
     dup = tmp_path / "dup.yaml"
     dup.write_text("learner:\n  lr: 0.5\nseed: 3\nlearner:\n  total_steps: 7\n")
-    with pytest.raises(ConfigError, match="given twice"):  # the first learner section was silently dropped
+    with pytest.raises(ConfigError, match="given twice"):  # not a silent drop of the first learner section
         load_config(dup)
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01")
-    with pytest.raises(ConfigError, match="not UTF-8"):  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match="not UTF-8"):  # not a UnicodeDecodeError traceback
         load_config(binary)
 
 
@@ -105,7 +106,7 @@ def test_model_dir_with_garbage_weights_is_a_user_error(tmp_path: Path, tiny_dat
 
     model = tmp_path / "model"
     shutil.copytree(resolve_model_path("tiny"), model)
-    (model / "model.safetensors").write_bytes(b"\x13\x37" * 4096)  # random bytes where the weights were
+    (model / "model.safetensors").write_bytes(b"\x13\x37" * 4096)  # random bytes in place of the weights
     assert main(_train_args(tmp_path, tiny_data, f"model.path={model}")) == 2
     err = capsys.readouterr().err
     assert "model.path" in err and "model.safetensors" in err

@@ -95,14 +95,14 @@ def test_worker_turns_any_item_exception_into_a_skip(worker, clips: Path) -> Non
     # worker's own parse names the field (tests/ray/test_poison_records.py injects a raw TypeError as well).
     video = str(load_records(clips / "train.json", clips).records[0].video)
     status, payload = worker.run(_item(_rec(video, problem="What colour \udcff box ?")))
-    assert status["status"] == "skipped" and payload == b""
-    assert status["reason"] == "bad_record" and "'problem' is not valid UTF-8" in status["error"], status
+    assert status.status == "skipped" and payload == b""
+    assert status.reason == "bad_record" and "'problem' is not valid UTF-8" in status.error, status
 
 
 def test_worker_skips_a_prompt_over_the_token_budget_without_decoding(worker, tmp_path: Path) -> None:
     status, _ = worker.run(_item(_rec(str(tmp_path / "missing.mp4"), problem="x " * 50_000)))
-    assert status["status"] == "skipped" and status["reason"] == "prompt_too_long", status
-    assert "model.max_prompt_tokens=512" in status["error"]
+    assert status.status == "skipped" and status.reason == "prompt_too_long", status
+    assert "model.max_prompt_tokens=512" in status.error
 
 
 def test_one_bad_record_never_kills_an_evaluation(worker, clips: Path) -> None:
@@ -140,12 +140,12 @@ def load_records_single(root: Path):
 
 
 def test_unplaceable_actors_are_logged_with_the_missing_resources(caplog) -> None:
-    from learner.driver import _PlacementWatch
+    from learner.placement import PlacementWatch
 
     cfg = load_config(None, ["cluster.min_actors=4", "cluster.max_actors=4", "cluster.num_cpus=2"])
-    slots = {f"reward-{i}": type("S", (), {"actor_id": f"reward-{i}", "ready": i < 2})() for i in range(4)}
+    slots = {f"reward-{i}": type("S", (), {"actor_id": f"reward-{i}", "up": i < 2})() for i in range(4)}
     pool = type("P", (), {"slots": slots})()
-    watch = _PlacementWatch(cfg, grace_s=0.0)
+    watch = PlacementWatch(cfg, grace_s=0.0)
     with caplog.at_level(logging.WARNING, logger="cacovid_rl.driver"):
         watch.check(pool, force=True)
     assert "only 2 of 4 reward actors fit" in caplog.text and "cluster.num_cpus=2" in caplog.text

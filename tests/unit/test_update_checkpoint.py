@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cacovid_rl.config import load_config
-from cacovid_rl.data.records import QARecord
 from cacovid_rl.models.tiny import tiny_llava_onevision
 from cacovid_rl.policy.network import CacovidPolicy
-from cacovid_rl.rl.rollout import next_rate, rollout_question, sample_generator
+from cacovid_rl.rl.rollout import next_rate
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import PolicyUpdater
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.planted import planted_trajectory
 
 CFG = load_config(
     None,
@@ -37,26 +37,9 @@ def adapter():
 
 
 def _trajectory(adapter, policy, sample: str, rewards_from: int = 0) -> Trajectory:
-    frames = np.random.default_rng(abs(hash(sample)) % 2**32).integers(0, 255, (8, 48, 48, 3), dtype=np.uint8)
-    rec = QARecord(
-        sample_id=sample,
-        problem="what colour is the circle ? A. red B. blue",
-        answer="A",
-        solution="<answer>A</answer>",
-        problem_type="multiple choice",
-        video=Path("unused.mp4"),
-        options=("A. red", "B. blue"),
+    return planted_trajectory(
+        adapter, policy, CFG, sample, frame_seed=abs(hash(sample)) % 2**32, reward_seed=rewards_from
     )
-    res = rollout_question(
-        adapter, policy, rec, frames, CFG.sampling, CFG.rollout, CFG.model, sample_generator(0, sample, 0)
-    )
-    traj = Trajectory.from_rollout(
-        res, sample_id=sample, epoch=0, batch_index=0, weight_version=0, problem_type=rec.problem_type
-    )
-    # The random tiny LLM rarely answers right: plant rewards so advantages are non-zero and known.
-    rng = np.random.default_rng(rewards_from)
-    traj.rewards = rng.integers(0, 2, traj.num_samples).astype(np.float32)
-    return Trajectory.from_bytes(traj.to_bytes())  # exercise the wire format on the way
 
 
 def test_next_rate_follows_the_method():
