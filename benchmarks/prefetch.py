@@ -6,7 +6,9 @@ synthetic questions, the shipped tiny model, interleaved round by round, as
 - ``scoring_only`` -- frames decoded in advance: the rate the actor would reach if decoding cost nothing (the target);
 - ``<mode>/no_prefetch`` -- today's path without the hint: ``run`` decodes, then scores (``cluster.prefetch=false``);
 - ``<mode>/prefetch`` -- ``cluster.prefetch=true``: before ``run(n)`` the worker gets the hint for item ``n+1`` (what
-  the driver sends when it queues a second item on an actor), decoded on the prefetcher's thread while ``n`` is scored.
+  the driver sends when it queues a second item on an actor), decoded on the prefetcher's thread while ``n`` is scored;
+- ``<mode>/prefetch_encode`` -- ``cluster.prefetch_encode=true`` as well: the same hint, and the prefetch thread also
+  encodes item ``n+1`` (vision tower + prompt embedding) while ``n`` is scored.
 
 The decoder is the real one (decord on the synthetic mp4s) slowed so that one decode costs ``--decode-share`` (default
 30%) of one question's scoring time, in one of two ways (``--slow``, both by default, timed side by side):
@@ -20,8 +22,12 @@ Each pass runs the same few questions; the first is untimed (nothing runs before
 while an actor in steady state always has its next item decoding), the rest are timed. Short passes and many rounds
 keep each round's series close together in time, so a change in the shared machine's load hits them alike; the
 ratio to the scoring-only rate is taken per round. ``busy`` is the fraction of wall time the worker spends scoring
-(from frames in hand to trajectory encoded), the rest being waits for frames; ``cpu_cores`` is the process's CPU time
-over wall time (all threads). Trajectories are checked identical across all series.
+(from frames in hand to trajectory encoded; with ``prefetch_encode`` from the encoded question in hand, so the encode
+is not in it), the rest being waits for frames; ``cpu_cores`` is the process's CPU time over wall time (all threads).
+``encode_s`` is the encode's own time per question (``timings["encode"]``, inline or on the prefetch thread): what
+``prefetch_encode`` can take off the scoring thread at most. On a CPU machine the background encode needs a core of
+its own to be hidden; on a GPU actor it would share the GPU with the scoring, so this CPU number is not a GPU one.
+Trajectories are checked identical across all series.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ from benchmarks.common import (
     annotate,
     base_parser,
     finish,
-    legend_below,
     model_name,
     new_figure,
     print_table,
@@ -62,8 +67,11 @@ SERIES = {
     "<mode>/no_prefetch": "run() decodes (slowed decoder), then scores: cluster.prefetch=false",
     "<mode>/prefetch": "the next item's decode on the prefetch thread while the current one is scored: "
     "cluster.prefetch=true",
+    "<mode>/prefetch_encode": "the next item's decode and vision encode on the prefetch thread: "
+    "cluster.prefetch_encode=true",
     **{f"mode {m}": text for m, text in MODES.items()},
 }
+KINDS = ("no_prefetch", "prefetch", "prefetch_encode")
 TARGET = 0.95
 
 
@@ -112,14 +120,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     cfg_on = load_config(None, [*overrides, "cluster.prefetch=true"])
     cfg_off = load_config(None, [*overrides, "cluster.prefetch=false"])
+    cfg_enc = load_config(None, [*overrides, "cluster.prefetch=true", "cluster.prefetch_encode=true"])
     records = load_records(data / "train.json", data).records[:n_q]
     items = [WorkItem(i, 0, 0, WorkItem.record_to_dict(r)) for i, r in enumerate(records)]
-    # One worker without prefetch and one with it per mode (identical weights: the policy is seeded by cfg.seed). A
-    # prefetcher refuses hints for items it has already run, and every series of a round runs the same items (same
-    # epoch, so the trajectories can be compared), so the prefetch series cannot share a worker.
+    # One worker without prefetch and one per prefetching series (identical weights: the policy is seeded by
+    # cfg.seed). A prefetcher refuses hints for items it has already run, and every series of a round runs the same
+    # items (same epoch, so the trajectories can be compared), so the prefetch series cannot share a worker.
     # Same actor id: it is written into each trajectory, which the variants must reproduce byte for byte.
     off = RewardWorker(cfg_off, "reward-0")
-    on = {m: RewardWorker(cfg_on, "reward-0") for m in modes}
+    hinted_cfgs = {"prefetch": cfg_on, "prefetch_encode": cfg_enc}
+    on = {(m, kind): RewardWorker(cfg, "reward-0") for m in modes for kind, cfg in hinted_cfgs.items()}
 
     def decode(rec) -> np.ndarray:
         return read_frames(rec.video, cfg_on.data.num_frames, cfg_on.data.max_fps)
@@ -173,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run_pass(name: str, epoch: int) -> dict[str, Any]:
         mode, _, kind = name.partition("/")
-        worker = on[mode] if kind == "prefetch" else off
+        hinted = kind.startswith("prefetch")
+        worker = on[mode, kind] if hinted else off
         worker.decode = in_advance if name == "scoring_only" else slowed[mode]
         # A fresh epoch per round: the prefetcher ignores hints for (index, epoch) keys it has already run.
         items_r = [dataclasses.replace(it, epoch=epoch) for it in items]
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load = os.getloadavg()[0]
         t_start = c_start = 0.0
         for n, it in enumerate(items_r):
-            if kind == "prefetch":
+            if hinted:
                 if n == 0:
                     worker.prefetch(it)  # the driver's first dispatch to an idle actor sends two items at once
                 if n + 1 < len(items_r):
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert all(s.ok for s in statuses), [s.error for s in statuses if not s.ok]
         prefetched = sum(s.prefetched for s in statuses)
         # Every hinted item must come from the prefetch thread, or the pass would time the inline path instead.
-        assert prefetched == (len(items) if kind == "prefetch" else 0), (name, prefetched)
+        assert prefetched == (len(items) if hinted else 0), (name, prefetched)
         return {
             "wall_s": wall,
             "questions_per_s": len(timed) / wall,
@@ -208,13 +219,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpu_cores": cpu / wall,
             "scoring_s": scoring,
             "decode_s": sum(s.decode_s for s in timed),
+            "encode_s": sum(s.timings["encode"] for s in timed) / len(timed),
             "frames_wait_s": sum(s.frames_wait_s for s in timed),
             "prefetched": prefetched,
             "load_avg_1m": load,
             "payloads": [_content(b) for b in payloads],
         }
 
-    names = ["scoring_only", *(f"{m}/{kind}" for m in modes for kind in ("no_prefetch", "prefetch"))]
+    names = ["scoring_only", *(f"{m}/{kind}" for m in modes for kind in KINDS)]
     samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return float(np.median([s[key] for s in samples[name]]))
 
     series = {
-        n: {key: med(n, key) for key in ("questions_per_s", "busy", "cpu_cores")} | {"runs": samples[n]} for n in names
+        n: {key: med(n, key) for key in ("questions_per_s", "busy", "cpu_cores", "encode_s")} | {"runs": samples[n]}
+        for n in names
     }
     # Per-round ratio to the scoring-only rate (a neighbour's load burst slows a whole round alike).
     for n in names:
@@ -246,11 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mode_info[m]["decode_share_in_passes"] = sum(r["decode_s"] for r in runs) / sum(r["scoring_s"] for r in runs)
         mode_info[m]["prefetch_of_scoring_only"] = series[f"{m}/prefetch"]["of_scoring_only"]
         mode_info[m]["meets_target"] = series[f"{m}/prefetch"]["of_scoring_only"] >= TARGET
+        mode_info[m]["prefetch_encode_of_scoring_only"] = series[f"{m}/prefetch_encode"]["of_scoring_only"]
     loads = [s["load_avg_1m"] for runs in samples.values() for s in runs]
     results = {
         "series": series,
         "modes": mode_info,
         "score_s_per_question": score_s,
+        # The encode's share of a question's time with frames in hand: the most prefetch_encode can hide.
+        "encode_share": series["scoring_only"]["encode_s"] * series["scoring_only"]["questions_per_s"],
         "one_decode_s": one_decode_s,
         "trajectories_identical": identical,
         "target_of_scoring_only": TARGET,
@@ -274,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     notes = [
         "One RewardWorker per setting in one process; the prefetch thread and the scoring thread share the machine's "
         "cores (decord releases the GIL while it decodes, time.sleep while it waits).",
-        "busy = time from frames in hand to trajectory encoded, over wall time; cpu_cores = process CPU time over "
+        "busy = time from frames (with prefetch_encode: the encoded question) in hand to trajectory encoded, over "
+        "wall time; cpu_cores = process CPU time over "
         "wall time; load_avg_1m per pass is the machine's 1-minute load average read before the pass.",
     ]
     out = finish(args, "prefetch", config=config, results=results, notes=notes, started=started, argv=argv,
@@ -289,6 +306,7 @@ COLUMNS = [
     "series",
     "questions/s",
     "busy (scoring) fraction",
+    "encode ms / question",
     "CPU cores used",
     "process CPU s / question (ceiling at a fixed CPU share)",
     "of scoring-only rate",
@@ -309,7 +327,8 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
         cpq = cpu_per_question(s)
         rounds = ", ".join(f"{100 * x:.0f}" for x in s["of_scoring_only_rounds"])
         ceiling = f"{cpq:.3f} ({100 * base / cpq:.0f}%)"
-        rows.append([n, f"{s['questions_per_s']:.2f}", f"{100 * s['busy']:.0f}%", f"{s['cpu_cores']:.2f}", ceiling,
+        rows.append([n, f"{s['questions_per_s']:.2f}", f"{100 * s['busy']:.0f}%", f"{1e3 * s['encode_s']:.0f}",
+                     f"{s['cpu_cores']:.2f}", ceiling,
                      f"{100 * s['of_scoring_only']:.0f}% ({rounds})"])  # fmt: skip
     return rows
 
@@ -325,7 +344,17 @@ def _mode_line(m: str, info: dict[str, Any], score_s: float) -> str:
         f"{100 * info['decode_share']:.0f}% of the {score_s * 1e3:.0f} ms of scoring per question at calibration, "
         f"{100 * info['decode_share_in_passes']:.0f}% during the passes; prefetch reaches "
         f"{100 * info['prefetch_of_scoring_only']:.0f}% of the scoring-only rate: "
-        f"target {'met' if info['meets_target'] else 'NOT met'}"
+        f"target {'met' if info['meets_target'] else 'NOT met'}; prefetch_encode reaches "
+        f"{100 * info['prefetch_encode_of_scoring_only']:.0f}%"
+    )
+
+
+def _encode_line(results: dict[str, Any]) -> str:
+    enc = results["series"]["scoring_only"]["encode_s"]
+    return (
+        f"encode (vision tower + prompt embedding): {enc * 1e3:.0f} ms per question, "
+        f"{100 * results['encode_share']:.1f}% of a question's time with frames in hand (scoring_only): "
+        "the most prefetch_encode can take off the scoring thread"
     )
 
 
@@ -338,6 +367,7 @@ def report(results: dict[str, Any]) -> None:
     )
     for m, info in results["modes"].items():
         print(_mode_line(m, info, results["score_s_per_question"]))
+    print(_encode_line(results))
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -357,6 +387,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"trajectories identical across all series: {r['trajectories_identical']}):",
         "",
         *(f"- {_mode_line(m, info, r['score_s_per_question'])}." for m, info in r["modes"].items()),
+        f"- {_encode_line(r)}.",
         "",
         "| " + " | ".join(COLUMNS) + " (per-round median; rounds) |",
         "|" + "---|" * len(COLUMNS),
@@ -369,10 +400,10 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str, payload: dict[str, Any] | None = None) -> None:
-    fig, (ax_rate, ax_busy) = new_figure(2, width=5.0, height=3.8)
+    fig, (ax_rate, ax_busy) = new_figure(2, width=5.5, height=4.2)
     names = list(results["series"])
     x = np.arange(len(names))
-    colors = {"scoring_only": "#555555", "no_prefetch": "#d62728", "prefetch": "#2ca02c"}
+    colors = {"scoring_only": "#555555", "no_prefetch": "#d62728", "prefetch": "#2ca02c", "prefetch_encode": "#1f77b4"}
     for i, n in enumerate(names):
         s = results["series"][n]
         color = colors[n.partition("/")[2] or n]
@@ -384,9 +415,10 @@ def plot(results: dict[str, Any], path: str, payload: dict[str, Any] | None = No
                          va="bottom", fontsize=7)  # fmt: skip
     target = TARGET * results["series"]["scoring_only"]["questions_per_s"]
     ax_rate.axhline(target, ls="--", color="k", lw=0.8, label=f"{100 * TARGET:.0f}% of scoring_only")
-    legend_below(ax_rate)
+    # Further down than legend_below puts it: the rotated series names take the space under the axes.
+    ax_rate.legend(loc="upper center", bbox_to_anchor=(0.5, -0.36), fontsize=7.5, frameon=False)
     for ax, label in ((ax_rate, "questions/s (bars: median; dots: rounds)"), (ax_busy, "busy scoring (% of wall)")):
-        ax.set_xticks(x, names, fontsize=7, rotation=20)
+        ax.set_xticks(x, names, fontsize=7, rotation=30, ha="right")
         ax.set_ylabel(label, fontsize=8)
     model = model_name(payload["config"]) if payload else "?"
     shares = ", ".join(f"{m} {100 * i['decode_share']:.0f}%" for m, i in results["modes"].items())

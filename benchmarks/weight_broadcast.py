@@ -6,7 +6,7 @@ compared side by side in one run (interleaved per repeat, order rotated):
 - ``bound`` (the library's path, ``actors.weights.publish_policy``): the learner's policy keeps its weights as views
   into one flat buffer (``CacovidPolicy.bind_flat_buffer``), so a version is ONE ``ray.put`` of memory that already
   exists + its checksum;
-- ``flatten`` (the path before issue 18): ``CacovidPolicy.flat_state`` copies the parameters into a fresh buffer,
+- ``flatten`` (the copying path it replaced): ``CacovidPolicy.flat_state`` copies the parameters into a fresh buffer,
   which is then put + checksummed.
 
 Every actor then runs the library's ``RewardActor.sync``: ``WeightHandle.fetch`` (zero-copy object-store read +
@@ -264,7 +264,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# Weight broadcast ({describe_device(m)}; torch threads {m['torch_threads']}; `{payload['command']}`)",
         "",
         "Seconds, median [p10-p90]. bound = weights are views into one flat buffer, a version is one put (this "
-        "library); flatten = `flat_state` copy first, then the put (before issue 18). Actor load = fetch + verify + "
+        "library); flatten = `flat_state` copy first, then the put (the copying path). Actor load = fetch + verify + "
         "one copy into the policy + state checksum of what it holds.",
         "",
         "| policy | actors | publish -> all, bound | publish -> all, flatten | put + checksum, bound | flatten | "
@@ -314,7 +314,7 @@ SERIES = {
     "tiny / 7b": "the policy of the shipped tiny model (float32) / of a Qwen2-7B-width decoder layer "
     "(CacovidPolicy.from_blueprint, bf16); actors hold only the policy (no video LLM)",
     "bound / flatten": "bound: the learner's weights are views into one flat buffer, a version is one put (this "
-    "library); flatten: a flat_state copy first (the path before issue 18), compared interleaved in the same run",
+    "library); flatten: a flat_state copy first (the copying path it replaced), compared interleaved in the same run",
     "put + CRC32 (right)": "learner: one ray.put + its checksum (XXH3-128; the key name is historical)",
     "fetch + CRC32 + load": "the slowest actor after the put: zero-copy read, checksum verify, one copy into its "
     "policy, and the checksum of what its policy then holds",

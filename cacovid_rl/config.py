@@ -10,22 +10,22 @@ laptop CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import re
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the offending key."""
+from cacovid_rl.config_parsing import (
+    ConfigError,
+    apply_overrides,
+    build_dataclass,
+    parse_yaml,
+    to_plain,
+    yaml_literal,
+)
 
 
 @dataclass(frozen=True)
@@ -288,6 +288,11 @@ class ClusterConfig:
     """Decode the next queued question's video on a background thread of the reward actor while the current one is
     scored (``cacovid_rl.rl.prefetch``); needs ``inflight_per_actor >= 2``. Results are identical either way: off
     only to rule it out or to save the memory of up to ``inflight_per_actor`` decoded videos per actor."""
+    prefetch_encode: bool = False
+    """Also encode the prefetched question (``adapter.encode``: vision tower + prompt embedding) on the prefetch thread;
+    needs ``cluster.prefetch``. Costs one ``inputs_embeds`` ``[L, D]`` on the actor's device per cached item (~45 MB
+    in fp16 at 7B width, 6.3k tokens). Same results; the encode shares the device with the running question's
+    scoring, so it gains only where that scoring leaves the device (or its feeding host thread) idle."""
     pool_resize_every_s: float = 10.0
     """How often the driver re-reads the cluster's ``reward_actor`` capacity to grow or shrink the pool."""
     max_item_failures: int = 2
@@ -308,6 +313,7 @@ class ClusterConfig:
         _check(self.startup_timeout_s > 0, "cluster.startup_timeout_s", "must be > 0")
         _check(self.inflight_per_actor >= 1, "cluster.inflight_per_actor", "must be >= 1")
         _check(self.torch_threads >= 1, "cluster.torch_threads", "must be >= 1")
+        _check(self.prefetch or not self.prefetch_encode, "cluster.prefetch_encode", "needs cluster.prefetch=true")
 
 
 @dataclass(frozen=True)
@@ -407,11 +413,11 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def replace(self, **overrides: Any) -> Config:
         """Return a copy with dotted-key overrides applied (``replace(**{"learner.lr": 1e-5})``)."""
-        return from_dict(apply_overrides(self.to_dict(), [f"{k}={_yaml_literal(v)}" for k, v in overrides.items()]))
+        return from_dict(apply_overrides(self.to_dict(), [f"{k}={yaml_literal(v)}" for k, v in overrides.items()]))
 
 
 def _check(ok: bool, key: str, what: str) -> None:
@@ -427,148 +433,8 @@ def _is_device(value: str) -> bool:
     return _DEVICE.fullmatch(value) is not None
 
 
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _yaml_literal(value: Any) -> str:
-    return yaml.safe_dump(_to_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _coerce_bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
-    return value
-
-
-def _coerce_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    return value
-
-
-def _coerce_float(value: Any, key: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-    # NaN passes every `x > 0` check by failing none of the `<` ones, and inf makes a schedule or loss NaN later.
-    if not math.isfinite(float(value)):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _coerce_str(value: Any, key: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    return str(value)
-
-
-_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
-    bool: _coerce_bool,
-    int: _coerce_int,
-    float: _coerce_float,
-    str: _coerce_str,
-}
-
-
-def _coerce_union(value: Any, tp: Any, key: str) -> Any:
-    """The first member type ``value`` fits, in declaration order."""
-    for arg in typing.get_args(tp):
-        try:
-            return _coerce(value, arg, key)
-        except ConfigError:
-            continue
-    raise ConfigError(f"config key '{key}' has invalid value {value!r}")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type, converting only where YAML is ambiguous."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
-        inner = typing.get_args(tp)[0]
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, tp, key)
-    scalar = _SCALARS.get(tp)
-    return scalar(value, key) if scalar is not None else value
-
-
-def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in raw:
-        if not isinstance(k, str):  # YAML reads `1:` or `true:` as a non-string key
-            raise ConfigError(f"config key {k!r} under '{prefix or '<root>'}' must be a name, got {type(k).__name__}")
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys under '{prefix or '<root>'}': {sorted(names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
 def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw or {}).validate()
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in order."""
-    raw = _to_plain(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value")
-        key, text = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
-    return raw
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects a key given twice in one mapping.
-
-    Plain YAML keeps the last of two ``learner:`` sections and silently drops the first, with every key in it.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            with contextlib.suppress(TypeError):  # an unhashable key: the base class reports it
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first {seen[key]})", key_node.start_mark
-                    )
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML as the config loader reads it: safe types only, duplicate keys rejected."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    return build_dataclass(Config, raw or {}).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -16,6 +16,17 @@ from cacovid_rl.data.records import QARecord
 from cacovid_rl.rl.rollout import rollout_question, sample_generator
 from cacovid_rl.rl.trajectory import Trajectory
 
+# Small rollouts (5 token + 2 frame combinations, 3 iterations) and a learning rate that moves the tiny policy
+# visibly in a few steps: what every learner-side test shares.
+LEARNER_TEST_OVERRIDES = (
+    "sampling.num_token=5",
+    "sampling.num_frame=2",
+    "sampling.rate=0.25",
+    "rollout.iterations=3",
+    "learner.lr=1e-2",
+    "learner.total_steps=10",
+)
+
 
 def circle_record(sample: str) -> QARecord:
     """A two-option multiple-choice question; the frames are random, so only the rewards carry signal."""

@@ -3,12 +3,15 @@
 Decoding a question's video inside the call that then scores it would leave the actor's device idle while decord
 reads the frames. The driver already queues ``cluster.inflight_per_actor`` items per actor, so when it hands
 an actor a second item it also sends a *hint*; :class:`Prefetcher` decodes hinted items on one background thread and
-``take`` hands the frames to ``run``.
+``take`` hands the frames to ``run``. With ``cluster.prefetch_encode`` the load also encodes the question (the vision
+tower and the prompt embedding, ``rl.rollout.encode_question``), so ``run`` starts at the policy's scoring.
 
 Why this keeps the reward path's guarantees:
 
 - **Same trajectory.** Decoding is deterministic and the cache is keyed by the item (its index and epoch), so frames
-  from the cache are the frames ``run`` would have decoded itself; the rollout's RNG depends on the sample only.
+  from the cache are the frames ``run`` would have decoded itself; the rollout's RNG depends on the sample only. The
+  encode reads only those frames and the frozen LLM (never the policy, whose weights a sync may change meanwhile),
+  under ``no_grad`` like the inline one (grad mode is per thread): the same question ``run`` would have encoded.
 - **Nothing is lost.** The cache is only an optimisation held in the actor's memory: the driver still tracks every
   item as in flight and re-dispatches it if the actor dies; ``take`` of a key never hinted (or dropped) decodes
   inline.
@@ -16,7 +19,8 @@ Why this keeps the reward path's guarantees:
   are dropped (counted), and ``take`` discards entries hinted before the taken one (their run already happened:
   a Ray actor runs one caller's calls in order).
 - **Failures stay the item's.** An exception of the background load is stored and re-raised by ``take``, inside
-  ``run``'s own ``try``, so a bad video is the item's normal ``skipped`` status, never a dead thread or actor.
+  ``run``'s own ``try``, so a bad video (or a question the encoder rejects) is the item's normal ``skipped`` status,
+  never a dead thread or actor.
 
 Ray-free: the Ray shell (``actors/reward_actor.py``) only forwards hints.
 """

@@ -80,6 +80,16 @@ class RolloutResult:
 
 
 @torch.no_grad()
+def encode_question(adapter, record: QARecord, frames: np.ndarray) -> EncodedQuestion:
+    """The question's LLM input: its frames and prompt through ``adapter.encode``.
+
+    One definition for the rollout and the reward actor's prefetch thread, so both build the same prompt. The
+    ``no_grad`` is part of the contract: grad mode is per thread, and a background thread starts with it on.
+    """
+    return adapter.encode(frames, build_prompt(record.problem, record.problem_type))
+
+
+@torch.no_grad()
 def rollout_question(
     adapter,
     policy,
@@ -90,15 +100,24 @@ def rollout_question(
     model_cfg: ModelConfig,
     generator: torch.Generator,
     reward_cfg: RewardConfig | None = None,
+    encoded: EncodedQuestion | None = None,
+    encode_s: float = 0.0,
 ) -> RolloutResult:
     """Run one question's full sampling-and-reward loop at the policy's current weights.
 
     ``reward_cfg``: ``None`` is ``RewardConfig()`` (the official rewards with their evident bugs fixed).
+    ``encoded``: the question already encoded from ``frames`` (``encode_question``, e.g. on the reward actor's
+    prefetch thread), in ``encode_s`` seconds; ``None`` encodes here. Either way ``timings["encode"]`` is the
+    encode's own time and ``timings["total"]`` includes it, so the metrics mean the same with and without it.
     """
     fix_bugs = (reward_cfg if reward_cfg is not None else RewardConfig()).fix_official_bugs
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    enc = adapter.encode(frames, build_prompt(record.problem, record.problem_type))
+    if encoded is None:
+        enc = encode_question(adapter, record, frames)
+        encode_s = time.perf_counter() - t0
+    else:
+        enc = encoded
     t1 = time.perf_counter()
     old = policy.score(enc)
     old = PolicyScores(token=old.token.float().cpu(), frame=old.frame.float().cpu())
@@ -120,6 +139,7 @@ def rollout_question(
         t_llm += time.perf_counter() - tl
         memory.append(combos, rewards)
         rate = next_rate(rate, token_accuracy(memory), rollout, base_rate=sampling.rate)
-    timings.update(encode=t1 - t0, policy=t2 - t1, sample=t_sample, score=t_llm, total=time.perf_counter() - t0)
+    total = encode_s + time.perf_counter() - t1
+    timings.update(encode=encode_s, policy=t2 - t1, sample=t_sample, score=t_llm, total=total)
     n = sum(len(k) for k in memory.keep)
     return RolloutResult(enc=enc, old=old, memory=memory, timings=timings, num_combinations=n)

@@ -22,8 +22,9 @@ from cacovid_rl.data.video import VideoDecodeError, read_frames
 from cacovid_rl.models.loading import load_adapter
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.prefetch import Prefetcher
-from cacovid_rl.rl.rollout import rollout_question, sample_generator
+from cacovid_rl.rl.rollout import encode_question, rollout_question, sample_generator
 from cacovid_rl.rl.trajectory import Trajectory
+from cacovid_rl.types import EncodedQuestion
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,17 @@ class RolloutStatus:
         return cls(item.index, item.batch_index, item.sample_id, "", -1, "skipped", reason="quarantined", error=why)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A question made ready for scoring (what the prefetch cache holds): its frames and, with
+    ``cluster.prefetch_encode``, its encoded LLM input, each with the seconds it took."""
+
+    frames: np.ndarray
+    decode_s: float
+    encoded: EncodedQuestion | None = None
+    encode_s: float = 0.0
+
+
 class RewardWorker:
     """Frozen video LLM + policy copy; rolls out questions at the current weight version."""
 
@@ -133,17 +145,39 @@ class RewardWorker:
         # The driver queues ``inflight_per_actor - 1`` items behind the running one; one slot more because the hint
         # for the next dispatch can reach the actor just before the running item's ``run`` takes its own entry.
         self.prefetcher = Prefetcher(cfg.cluster.inflight_per_actor) if cfg.cluster.prefetch else None
+        self.prefetch_encode = cfg.cluster.prefetch and cfg.cluster.prefetch_encode
 
     def decode(self, rec: QARecord) -> np.ndarray:
         """The question's frames (a method so benchmarks can substitute a slowed decoder)."""
         return read_frames(rec.video, self.cfg.data.num_frames, self.cfg.data.max_fps)
 
+    def prepare(self, rec: QARecord, encode: bool) -> Prepared:
+        """Decode ``rec``'s video and, if ``encode``, encode the question (the prefetch thread's load).
+
+        The encode is the one ``rollout_question`` would run (``encode_question``, under ``no_grad`` on whichever
+        thread calls it), on the model the scoring thread uses at the same time: forward passes only, and the one
+        piece of shared state an encode writes (Qwen2.5-VL's ``model.model.rope_deltas``, reset) is not read by
+        scoring, which passes explicit positions. On a GPU both threads queue on the device's default stream, so
+        the encode's output needs no extra synchronisation. The prompt budget is checked first, so an oversized
+        prompt is never tokenized here (``run`` rejects it before taking the entry).
+        """
+        t0 = time.perf_counter()
+        frames = self.decode(rec)
+        decode_s = time.perf_counter() - t0
+        if not encode:
+            return Prepared(frames, decode_s)
+        check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
+        t1 = time.perf_counter()
+        encoded = encode_question(self.adapter, rec, frames)
+        return Prepared(frames, decode_s, encoded, time.perf_counter() - t1)
+
     def prefetch(self, item: WorkItem) -> bool:
-        """Hint that ``item`` will run next: decode its video in the background. False if not scheduled (prefetch
-        off, cache full, or already known); the item then decodes inline in ``run``, with the same result."""
+        """Hint that ``item`` will run next: decode its video (and with ``cluster.prefetch_encode`` encode it) in
+        the background. False if not scheduled (prefetch off, cache full, or already known); the item is then
+        prepared inline in ``run``, with the same result."""
         if self.prefetcher is None:
             return False
-        return self.prefetcher.hint(_prefetch_key(item), lambda: self.decode(item.to_record()))
+        return self.prefetcher.hint(_prefetch_key(item), lambda: self.prepare(item.to_record(), self.prefetch_encode))
 
     def set_weights(self, flat: np.ndarray, meta: dict[str, Any], version: int) -> None:
         self.policy.load_flat_state(flat, meta)
@@ -181,23 +215,25 @@ class RewardWorker:
         """The trajectory of ``item`` and the status fields of a rolled-out item (raises for the item's own faults)."""
         rec = item.to_record()
         check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
+        # Inline, only the decode: the encode then runs in ``rollout_question`` as it does without prefetch.
         if self.prefetcher is not None:
-            frames, prefetched, decode_s = self.prefetcher.take(_prefetch_key(item), lambda: self.decode(rec))
+            ready, prefetched, _ = self.prefetcher.take(_prefetch_key(item), lambda: self.prepare(rec, encode=False))
         else:
-            t_dec = time.perf_counter()
-            frames, prefetched, decode_s = self.decode(rec), False, time.perf_counter() - t_dec
+            ready, prefetched = self.prepare(rec, encode=False), False
         frames_wait_s = time.perf_counter() - t0
         gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
         res = rollout_question(
             self.adapter,
             self.policy,
             rec,
-            frames,
+            ready.frames,
             self.cfg.sampling,
             self.cfg.rollout,
             self.cfg.model,
             gen,
             reward_cfg=self.cfg.reward,
+            encoded=ready.encoded,
+            encode_s=ready.encode_s,
         )
         traj = Trajectory.from_rollout(
             res,
@@ -212,7 +248,7 @@ class RewardWorker:
         return payload, {
             "status": "ok",
             "prefetched": prefetched,
-            "decode_s": decode_s,
+            "decode_s": ready.decode_s,
             "frames_wait_s": frames_wait_s,
             "nbytes": len(payload),
             "combos": int(traj.num_samples),

@@ -110,16 +110,19 @@ def test_training_throughput(tmp_path):
     assert rows["ship_embeddings_fp16 (this design)"]["bytes"] > rows["ship_frames_uint8"]["bytes"]
 
 
-@pytest.mark.slow  # ~30 s: 5 passes of 3 tiny-model questions
+@pytest.mark.slow  # ~40 s: 7 passes of 3 tiny-model questions
 def test_prefetch(tmp_path):
     data = run("prefetch", tmp_path)
     res = data["results"]
-    assert set(res["series"]) == {"scoring_only", "cpu/no_prefetch", "cpu/prefetch", "io/no_prefetch", "io/prefetch"}
-    assert res["trajectories_identical"] is True  # prefetching must not change a single trajectory
+    kinds = ("no_prefetch", "prefetch", "prefetch_encode")
+    assert set(res["series"]) == {"scoring_only", *(f"{m}/{k}" for m in ("cpu", "io") for k in kinds)}
+    assert res["trajectories_identical"] is True  # prefetching (and encoding ahead) must not change a trajectory
     assert res["series"]["scoring_only"]["of_scoring_only"] == 1.0
     for name, s in res["series"].items():
-        assert 0 < s["busy"] <= 1.0 and s["questions_per_s"] > 0 and s["cpu_cores"] > 0
-        assert [r["prefetched"] for r in s["runs"]] == [3 if name.endswith("/prefetch") else 0]
+        assert 0 < s["busy"] <= 1.0 and s["questions_per_s"] > 0 and s["cpu_cores"] > 0 and s["encode_s"] > 0
+        hinted = name.endswith(("/prefetch", "/prefetch_encode"))
+        assert [r["prefetched"] for r in s["runs"]] == [3 if hinted else 0]
+    assert 0 < res["encode_share"] < 1
     cpu, io = res["modes"]["cpu"], res["modes"]["io"]
     assert cpu["decode_repeats"] >= 1 and io["wait_s"] >= 0
     # The io mode's slowdown is a wait: its decode uses far less CPU than its wall time, unlike the repeated decode.

@@ -24,19 +24,14 @@ from cacovid_rl.config import load_config
 from cacovid_rl.models.tiny import tiny_llava_onevision
 from cacovid_rl.policy.network import CacovidPolicy
 from cacovid_rl.rl.trajectory import Trajectory
-from tests.planted import planted_trajectory
+from tests.planted import LEARNER_TEST_OVERRIDES, planted_trajectory
 
 pytest.importorskip("deepspeed")
 
 CFG = load_config(
     None,
     [
-        "sampling.num_token=5",
-        "sampling.num_frame=2",
-        "sampling.rate=0.25",
-        "rollout.iterations=3",
-        "learner.lr=1e-2",
-        "learner.total_steps=10",
+        *LEARNER_TEST_OVERRIDES,
         "loss.kl_coef=0.01",
         "learner.backend=deepspeed",
     ],

@@ -16,19 +16,9 @@ from cacovid_rl.rl.rollout import next_rate
 from cacovid_rl.rl.trajectory import Trajectory
 from cacovid_rl.rl.update import PolicyUpdater
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.planted import planted_trajectory
+from tests.planted import LEARNER_TEST_OVERRIDES, planted_trajectory
 
-CFG = load_config(
-    None,
-    [
-        "sampling.num_token=5",
-        "sampling.num_frame=2",
-        "sampling.rate=0.25",
-        "rollout.iterations=3",
-        "learner.lr=1e-2",
-        "learner.total_steps=10",
-    ],
-)
+CFG = load_config(None, list(LEARNER_TEST_OVERRIDES))
 
 
 @pytest.fixture(scope="module")
