@@ -35,7 +35,6 @@ as ``save_pretrained`` directories (safetensors + ``policy_config.json``) that r
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
 import itertools
 import json
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -473,7 +473,7 @@ class CacovidPolicy(nn.Module):
         """Copy a ``flat_state`` buffer (possibly read-only, e.g. zero-copy from Ray) into this policy.
 
         The first load binds the policy to a flat buffer (:meth:`bind_flat_buffer`) where it can, so this and every
-        later load is ONE copy of the whole buffer (and :func:`learner.weights.state_checksum` one pass over it)
+        later load is ONE copy of the whole buffer (and :func:`actors.weights.state_checksum` one pass over it)
         instead of one copy per tensor.
         """
         state, layout = self._flat_layout()
@@ -504,5 +504,6 @@ class CacovidPolicy(nn.Module):
 
 
 def flat_checksum(buf: np.ndarray) -> str:
-    """BLAKE2b-128 of the buffer's bytes (hex): detects any changed byte, about 1 GB/s on one core."""
-    return hashlib.blake2b(memoryview(np.ascontiguousarray(buf)).cast("B"), digest_size=16).hexdigest()
+    """XXH3-128 of the buffer's bytes (hex): catches torn or mixed-up buffers at ~10 GB/s (not a security hash;
+    measured 0.05 s vs CRC32's 0.29 s on a 500 MB policy, paid by the learner and every actor on each sync)."""
+    return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(buf)).cast("B"))
