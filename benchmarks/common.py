@@ -434,30 +434,18 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 # models and data
 
 
-def _fallback_words() -> list[str]:
-    import re
-
-    from cacovid_rl.data import synthetic
-    from cacovid_rl.data.prompts import INSTRUCTIONS
-
-    words = list(synthetic.vocabulary())
-    for text in INSTRUCTIONS.values():
-        words += re.findall(r"\w+|[^\w\s]", text)
-    return list(dict.fromkeys(words))
-
-
 def fallback_tiny_model(seed: int = 0) -> Path:
     """A saved tiny *random* LLaVA-OV (the shipped model's shapes: 64 px frames, patch 8, hidden 128, 3 layers).
 
     Used only while the shipped trained model (``cacovid_rl/assets/tiny_vlm``) is missing. Its greedy answers are
     arbitrary and rarely stop early, which makes decoding-length effects larger than with a trained model.
     """
-    from cacovid_rl.models.tiny import save_adapter, tiny_llava_onevision
+    from cacovid_rl.models.tiny import save_adapter, tiny_llava_onevision, tiny_vocabulary
 
     path = CACHE_DIR / f"tiny_random_llava_ov_s{seed}"
     if not (path / "config.json").is_file():
         adapter = tiny_llava_onevision(
-            seed, words=_fallback_words(), image_size=64, patch_size=8, vision_hidden=64, hidden_size=128, num_layers=3
+            seed, words=tiny_vocabulary(), image_size=64, patch_size=8, vision_hidden=64, hidden_size=128, num_layers=3
         )
         save_adapter(adapter, path)
     return path
