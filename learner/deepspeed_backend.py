@@ -124,8 +124,7 @@ class DeepSpeedBackend:
             opt._update_model_bit16_weights(i)
 
 
-# Named like a class: callers build an updater with it exactly as they build ``PolicyUpdater``.
-def DeepSpeedPolicyUpdater(
+def deepspeed_updater(
     policy: torch.nn.Module, learner: LearnerConfig, loss: LossConfig, iterations: int, device: str = "cpu"
 ) -> PolicyUpdater:
     """A :class:`PolicyUpdater` whose optimisation step is a :class:`DeepSpeedBackend` (``learner.backend:

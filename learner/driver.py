@@ -41,10 +41,8 @@ from learner.monitoring import ClusterMonitor, log_samples
 from learner.placement import PlacementWatch
 from learner.pool import ActorPool, Slot
 from learner.ray_runtime import init_ray
-from learner.resume import ResumeError, resume_point
+from learner.resume import resume_point
 from learner.staleness import Counters, DataCursor, StalenessSchedule
-
-__all__ = ["Counters", "DataCursor", "ResumeError", "train"]
 
 log = logging.getLogger("cacovid_rl.driver")
 

@@ -62,9 +62,9 @@ def make_updater(policy, cfg: Config) -> PolicyUpdater:
     """The one place the optimizer backend is chosen (``learner.backend``)."""
     args = (policy, cfg.learner, cfg.loss, cfg.rollout.iterations, cfg.learner.device)
     if cfg.learner.backend == "deepspeed":
-        from learner.deepspeed_backend import DeepSpeedPolicyUpdater
+        from learner.deepspeed_backend import deepspeed_updater
 
-        return DeepSpeedPolicyUpdater(*args)
+        return deepspeed_updater(*args)
     return PolicyUpdater(*args)
 
 
@@ -189,6 +189,9 @@ class Learner:
     # -- update --------------------------------------------------------------------------------
     def update(self, statuses: list[RolloutStatus], payload_refs: list[ray.ObjectRef]) -> UpdateResult:
         """One policy update on one batch of questions (ordered by data index); bumps the version.
+
+        ``statuses`` are the batch's rollout statuses: the same call as ``LearnerGroup.update``, which reads their
+        weight versions to shard the batch; one learner reads everything from the trajectories themselves.
 
         If a trajectory cannot be fetched (its object lived on a node that has since left the cluster), nothing is
         updated and the result names the lost positions (see :class:`UpdateResult`).

@@ -1,4 +1,5 @@
-"""The one way this project connects to Ray: :func:`init_ray` (the training driver and the CLI call it)."""
+"""The one way training connects to Ray: :func:`init_ray`, called by the driver (benchmarks size their own
+loopback instances in benchmarks/common.py)."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def answer_compressed(adapter, enc, blocks: Mapping[str, CompressedVideo], max_n
     return answers
 
 
-def _no_generator(index: int) -> torch.Generator | None:
+def _no_generator(_index: int) -> torch.Generator | None:
     return None
 
 
@@ -226,15 +226,16 @@ def answer_questions(
     settings: AnswerSettings,
     *,
     oracle: Mapping[str, list[int]] | None = None,
+    read_skip: tuple[type[Exception], ...] = (Exception,),
     skip: tuple[type[Exception], ...] = (Exception,),
     progress: str = "",
 ) -> Iterator[AnsweredQuestion | SkippedQuestion]:
     """Answer every record with full tokens and with every arm's methods at every retention, one record at a time.
 
     ``oracle`` maps sample ids to their answer tokens (``meta.oracle_tokens``): the ``oracle`` method runs on the
-    records it covers. An exception of a type in ``skip`` raised while one record is read or answered makes that
-    record a :class:`SkippedQuestion`; any other propagates. ``progress`` is the progress bar's label (none when
-    empty).
+    records it covers. An exception of a type in ``read_skip`` raised while one record's video is read, or in
+    ``skip`` while it is encoded and answered, makes that record a :class:`SkippedQuestion`; any other propagates.
+    ``progress`` is the progress bar's label (none when empty).
     """
     check_methods([m for arm in arms for m in arm.methods])
     items: Iterable[QARecord] = records
@@ -245,7 +246,12 @@ def answer_questions(
     for i, rec in enumerate(items):
         tokens = None if oracle is None else oracle.get(rec.sample_id)
         try:
-            answered = _answer_one(adapter, i, rec, arms, retentions, settings, tokens)
+            frames = read_frames(rec.video, settings.num_frames, settings.max_fps)
+        except read_skip as exc:
+            yield SkippedQuestion(i, rec, exc)
+            continue
+        try:
+            answered = _answer_one(adapter, i, rec, frames, arms, retentions, settings, tokens)
         except skip as exc:
             yield SkippedQuestion(i, rec, exc)
             continue
@@ -256,12 +262,12 @@ def _answer_one(
     adapter,
     index: int,
     rec: QARecord,
+    frames: np.ndarray,
     arms: Sequence[Arm],
     retentions: Sequence[float],
     settings: AnswerSettings,
     oracle_tokens: list[int] | None,
 ) -> AnsweredQuestion:
-    frames = read_frames(rec.video, settings.num_frames, settings.max_fps)
     with torch.no_grad():
         enc = adapter.encode(frames, build_prompt(rec.problem, rec.problem_type))
         full = adapter.generate(enc, None, settings.max_new_tokens)[0]

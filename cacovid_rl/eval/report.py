@@ -39,8 +39,7 @@ from cacovid_rl.eval.report_eval import HEATMAP_QUESTIONS, EvalSet, evaluate_run
 from cacovid_rl.eval.report_markdown import markdown
 from cacovid_rl.eval.runs import RunInfo, load_runs, training_summary
 
-# The command line's entry points, and the heatmap ``cacovid-rl answer`` draws (defined in eval/plots.py).
-__all__ = ["Question", "build_parser", "main", "plot_heatmap"]
+__all__ = ["build_parser", "main"]  # the command line's entry points
 
 _DEFAULTS = EvalConfig()
 """The report's default retentions and methods: the config's ``eval`` defaults (all 5/10/25/50% and every

@@ -138,7 +138,9 @@ def evaluate_runs(
         retentions,
         AnswerSettings.from_config(runs[0].cfg),
         oracle=data.oracle,
-        skip=(ValueError, OSError, VideoDecodeError),  # an unreadable video; anything else is a bug and stops
+        # An unreadable video is skipped and counted; an error while answering is a bug and stops the report.
+        read_skip=(ValueError, OSError, VideoDecodeError),
+        skip=(),
         progress="report" if progress else "",
     )
     for q in answered:

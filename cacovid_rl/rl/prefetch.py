@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +44,6 @@ class _Entry:
     value: Any = None
     error: BaseException | None = None
     cancelled: bool = False  # never loaded (closed or dropped first): ``take`` loads it inline
-    load_s: float = 0.0
 
 
 class Prefetcher:
@@ -93,8 +91,8 @@ class Prefetcher:
             self._cv.notify_all()
             return True
 
-    def take(self, key: Hashable, load: Callable[[], Any]) -> tuple[Any, bool, float]:
-        """(result, prefetched?, seconds the load took) for ``key``; re-raises the load's exception.
+    def take(self, key: Hashable, load: Callable[[], Any]) -> tuple[Any, bool]:
+        """(result, prefetched?) for ``key``; re-raises the load's exception (the result carries its own timings).
 
         ``prefetched`` is True when the result came from (or was being produced by) the background thread.
         """
@@ -121,11 +119,10 @@ class Prefetcher:
             with self._cv:
                 self._entries.pop(key, None)
         if entry is None or entry.cancelled:
-            t0 = time.perf_counter()
-            return load(), False, time.perf_counter() - t0
+            return load(), False
         if entry.error is not None:
             raise entry.error
-        return entry.value, True, entry.load_s
+        return entry.value, True
 
     def discard(self, key: Hashable) -> None:
         """Forget ``key`` (its run ended without taking it, e.g. a prompt over budget) and never load it again."""
@@ -171,12 +168,10 @@ class Prefetcher:
                 key = self._todo.popleft()
                 entry = self._entries[key]
                 self._current = key
-            t0 = time.perf_counter()
             try:
                 entry.value = entry.load()
             except BaseException as exc:  # the item's own failure: ``take`` re-raises it inside ``run``'s try
                 entry.error = exc
-            entry.load_s = time.perf_counter() - t0
             with self._cv:
                 self._current = None
             entry.done.set()

@@ -173,11 +173,6 @@ class PolicyUpdater:
     around ``policy`` already on ``device``.
     """
 
-    skipped_steps: int = 0
-    """Optimiser steps skipped for want of any learning signal."""
-    sync: GradientSync | None = None
-    """Set by a data-parallel learner group; ``None`` for a single learner (every hook below is then a no-op)."""
-
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -196,6 +191,9 @@ class PolicyUpdater:
             backend if backend is not None else TorchAdamW(self.policy, learner, iterations)
         )
         self.optimizer_steps = 0
+        self.skipped_steps = 0  # optimiser steps skipped for want of any learning signal
+        # Set by a data-parallel learner group; None for a single learner (every hook below is then a no-op).
+        self.sync: GradientSync | None = None
 
     @property
     def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:

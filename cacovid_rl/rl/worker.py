@@ -7,8 +7,9 @@ and turns work items (one question each) into encoded trajectory messages.
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,11 @@ class RewardWorker:
         # The driver queues ``inflight_per_actor - 1`` items behind the running one; one slot more because the hint
         # for the next dispatch can reach the actor just before the running item's ``run`` takes its own entry.
         self.prefetcher = Prefetcher(cfg.cluster.inflight_per_actor) if cfg.cluster.prefetch else None
-        self.prefetch_encode = cfg.cluster.prefetch and cfg.cluster.prefetch_encode
+        self.prefetch_encode = cfg.cluster.prefetch_encode  # the config refuses it without cluster.prefetch
+        # With the encode on the prefetch thread, an item whose entry was not ready encodes inline while the thread
+        # may be encoding the next one: one encode at a time keeps the vision activations' peak memory that of one
+        # question and the tokenizer out of two threads.
+        self._encode_lock = threading.Lock()
 
     def decode(self, rec: QARecord) -> np.ndarray:
         """The question's frames (a method so benchmarks can substitute a slowed decoder)."""
@@ -157,9 +162,8 @@ class RewardWorker:
         The encode is the one ``rollout_question`` would run (``encode_question``, under ``no_grad`` on whichever
         thread calls it), on the model the scoring thread uses at the same time: forward passes only, and the one
         piece of shared state an encode writes (Qwen2.5-VL's ``model.model.rope_deltas``, reset) is not read by
-        scoring, which passes explicit positions. On a GPU both threads queue on the device's default stream, so
-        the encode's output needs no extra synchronisation. The prompt budget is checked first, so an oversized
-        prompt is never tokenized here (``run`` rejects it before taking the entry).
+        scoring, which passes explicit positions. The prompt budget is checked first, so an oversized prompt is
+        never tokenized here (``run`` rejects it before taking the entry).
         """
         t0 = time.perf_counter()
         frames = self.decode(rec)
@@ -167,9 +171,18 @@ class RewardWorker:
         if not encode:
             return Prepared(frames, decode_s)
         check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
-        t1 = time.perf_counter()
-        encoded = encode_question(self.adapter, rec, frames)
-        return Prepared(frames, decode_s, encoded, time.perf_counter() - t1)
+        return Prepared(frames, decode_s, *self._encode(rec, frames))
+
+    def _encode(self, rec: QARecord, frames: np.ndarray) -> tuple[EncodedQuestion, float]:
+        """(the encoded question, its seconds), one encode at a time (see ``_encode_lock``)."""
+        with self._encode_lock:
+            t0 = time.perf_counter()
+            encoded = encode_question(self.adapter, rec, frames)
+            if encoded.inputs_embeds.is_cuda:
+                # Kernels run asynchronously: without the wait the time would be the launches only, and the encode's
+                # GPU work would be billed to whatever the other thread times next.
+                torch.cuda.synchronize(encoded.inputs_embeds.device)
+            return encoded, time.perf_counter() - t0
 
     def prefetch(self, item: WorkItem) -> bool:
         """Hint that ``item`` will run next: decode its video (and with ``cluster.prefetch_encode`` encode it) in
@@ -215,11 +228,14 @@ class RewardWorker:
         """The trajectory of ``item`` and the status fields of a rolled-out item (raises for the item's own faults)."""
         rec = item.to_record()
         check_prompt_budget(self.adapter, rec, self.cfg.model.max_prompt_tokens)
-        # Inline, only the decode: the encode then runs in ``rollout_question`` as it does without prefetch.
+        # Inline, only the decode: without prefetch_encode the encode then runs in ``rollout_question``.
         if self.prefetcher is not None:
-            ready, prefetched, _ = self.prefetcher.take(_prefetch_key(item), lambda: self.prepare(rec, encode=False))
+            ready, prefetched = self.prefetcher.take(_prefetch_key(item), lambda: self.prepare(rec, encode=False))
         else:
             ready, prefetched = self.prepare(rec, encode=False), False
+        if self.prefetch_encode and ready.encoded is None:  # taken inline: encode under the lock, not in the rollout
+            encoded, encode_s = self._encode(rec, ready.frames)
+            ready = replace(ready, encoded=encoded, encode_s=encode_s)
         frames_wait_s = time.perf_counter() - t0
         gen = sample_generator(self.cfg.seed, rec.sample_id, item.epoch)
         res = rollout_question(

@@ -29,9 +29,9 @@ def test_actors_hold_the_published_weights_and_roll_out_on_policy(local_ray, tmp
 
     from actors.weights import WeightHandle
     from cacovid_rl.data.records import load_records
-    from learner.driver import DataCursor
     from learner.learner_actor import Learner
     from learner.pool import ActorPool
+    from learner.staleness import DataCursor
 
     cfg = make_cfg(tmp_path, synthetic_dir, "rollout.iterations=1", "learner.max_staleness=0", "loss.kl_coef=0.01")
     learner = Learner(cfg.to_dict())  # in this process: the test reads its metrics directly

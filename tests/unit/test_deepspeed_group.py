@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO across a learner group without Ray: 2 ranks (gloo, 2 processes) take the steps 1 learner takes.
 
 Each rank builds its updater the way a ``learner_group.LearnerWorker`` does (the process group first, with the
-environment DeepSpeed reads, then ``DeepSpeedPolicyUpdater`` with a ``TorchGradientSync``), so ZeRO partitions the
+environment DeepSpeed reads, then ``deepspeed_updater`` with a ``TorchGradientSync``), so ZeRO partitions the
 optimizer state over the ranks and reduces the gradients itself. One learner is the same backend at world size 1 in
 its own process (as ``learner.num_learners=1`` runs it). The group's weights must equal the one learner's on the same
 batches (float tolerance: the gradients are summed in another order), the replicas must be identical, the combined
@@ -53,7 +53,7 @@ def _rank_main(
 ) -> None:
     """One learner process: its shares of every batch; writes its weights, metrics and optimizer partition."""
     from actors.weights import state_checksum
-    from learner.deepspeed_backend import DeepSpeedPolicyUpdater
+    from learner.deepspeed_backend import deepspeed_updater
     from learner.learner_group import TorchGradientSync
 
     torch.set_num_threads(1)
@@ -67,7 +67,7 @@ def _rank_main(
         sync = TorchGradientSync(rank, world, "cpu")
     try:
         policy = CacovidPolicy.from_pretrained(policy_dir)
-        updater = DeepSpeedPolicyUpdater(policy, cfg.learner, cfg.loss, cfg.rollout.iterations)
+        updater = deepspeed_updater(policy, cfg.learner, cfg.loss, cfg.rollout.iterations)
         updater.sync = sync
         metrics = []
         for batch in batches:

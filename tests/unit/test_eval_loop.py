@@ -89,8 +89,21 @@ def test_a_failing_record_is_skipped_whole_or_raises_when_not_listed(shipped) ->
     out = list(answer_questions(adapter, [records[1], missing], [Arm("a", ("uniform",))], [0.25], settings))
     assert [type(q) for q in out] == [AnsweredQuestion, SkippedQuestion]
     assert out[1].index == 1 and out[1].record.sample_id == "gone" and isinstance(out[1].error, VideoDecodeError)
-    with pytest.raises(VideoDecodeError):
-        list(answer_questions(adapter, [missing], [Arm("a", ("uniform",))], [0.25], settings, skip=(KeyError,)))
+    with pytest.raises(VideoDecodeError):  # a read error not in read_skip propagates
+        list(answer_questions(adapter, [missing], [Arm("a", ("uniform",))], [0.25], settings, read_skip=(KeyError,)))
+
+    class Broken:  # the adapter, with answering that raises: the report's setting (read errors only) must stop on it
+        def __getattr__(self, name):
+            return getattr(adapter, name)
+
+        def generate(self, *args, **kwargs):
+            raise ValueError("a selector bug")
+
+    report_skips = {"read_skip": (ValueError, OSError, VideoDecodeError), "skip": ()}
+    unreadable = list(answer_questions(Broken(), [missing], [Arm("a", ("uniform",))], [0.25], settings, **report_skips))
+    assert [type(q) for q in unreadable] == [SkippedQuestion]
+    with pytest.raises(ValueError, match="a selector bug"):
+        list(answer_questions(Broken(), [records[1]], [Arm("a", ("uniform",))], [0.25], settings, **report_skips))
     result = evaluate(adapter, None, [missing, records[1]], [0.25], ["uniform"], num_frames=FRAMES, max_new_tokens=4)
     assert result["n"] == 1 and result["skipped"] == 1 and result["errors"][0].startswith("gone: VideoDecodeError")
     assert result["methods"]["uniform"]["0.25"] == out[0].arms["a"].rewards[("uniform", 0.25)]

@@ -30,11 +30,11 @@ def test_a_hinted_item_is_loaded_in_the_background_and_taken_once() -> None:
     try:
         assert p.hint("a", lambda: calls.append("bg") or 41)
         _wait_for(lambda: calls == ["bg"])  # loaded before anyone asked
-        value, prefetched, _ = p.take("a", lambda: calls.append("inline") or -1)
+        value, prefetched = p.take("a", lambda: calls.append("inline") or -1)
         assert (value, prefetched, calls) == (41, True, ["bg"])
         assert len(p) == 0  # taken entries leave the cache
         # Never hinted: loaded inline, same contract.
-        assert p.take("b", lambda: 7)[:2] == (7, False)
+        assert p.take("b", lambda: 7) == (7, False)
     finally:
         p.close()
 
@@ -50,8 +50,8 @@ def test_the_cache_never_holds_more_than_its_bound() -> None:
             assert len(p) <= 2
         assert p.stats["dropped"] == 8
         release.set()
-        assert p.take(0, lambda: -1)[:2] == (0, True)
-        assert p.take(1, lambda: -1)[:2] == (1, True)
+        assert p.take(0, lambda: -1) == (0, True)
+        assert p.take(1, lambda: -1) == (1, True)
         assert len(p) == 0
     finally:
         release.set()
@@ -69,7 +69,7 @@ def test_a_background_failure_is_the_items_own_exception() -> None:
         with pytest.raises(OSError, match="corrupt video"):
             p.take("x", lambda: "never")
         assert p.hint("y", lambda: "next")  # the thread survived the failure
-        assert p.take("y", lambda: "inline")[:2] == ("next", True)
+        assert p.take("y", lambda: "inline") == ("next", True)
     finally:
         p.close()
 
@@ -79,7 +79,7 @@ def test_stale_entries_and_late_hints_do_not_pin_memory() -> None:
     try:
         p.hint("old", lambda: "o")
         p.hint("cur", lambda: "c")
-        assert p.take("cur", lambda: None)[:2] == ("c", True)
+        assert p.take("cur", lambda: None) == ("c", True)
         assert len(p) == 0  # "old" was hinted before "cur": its run already happened elsewhere in the queue
         assert not p.hint("cur", lambda: "c")  # a hint trailing its own run is ignored
         p.discard("skipped")  # a run that ended without taking (prompt over budget) ...
@@ -98,7 +98,7 @@ def test_a_take_never_waits_behind_another_items_stuck_load() -> None:
         assert started.wait(5)  # the thread is inside the stuck load
         assert p.hint("next", lambda: "from the thread")
         t0 = time.monotonic()
-        value, prefetched, _ = p.take("next", lambda: "inline")
+        value, prefetched = p.take("next", lambda: "inline")
         assert (value, prefetched) == ("inline", False)
         assert time.monotonic() - t0 < 5.0
     finally:
@@ -115,7 +115,7 @@ def test_close_never_leaves_a_take_hanging() -> None:
     closer.start()
     release.set()
     closer.join(5)
-    assert p.take(1, lambda: "inline")[:2] == ("inline", False)
+    assert p.take(1, lambda: "inline") == ("inline", False)
 
 
 # -- the reward worker with and without prefetch ---------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_prefetched_frames_equal_a_fresh_decode(workers, clips: Path) -> None:
     on, _ = workers
     item = _items(clips)[0]
     assert on.prefetch(item)
-    ready, prefetched, _ = on.prefetcher.take((item.index, item.epoch), lambda: None)
+    ready, prefetched = on.prefetcher.take((item.index, item.epoch), lambda: None)
     assert prefetched and ready.encoded is None  # decode only: cluster.prefetch_encode is off by default
     np.testing.assert_array_equal(ready.frames, on.decode(item.to_record()))
 

@@ -113,7 +113,7 @@ def test_checkpoint_resume_equals_uninterrupted(adapter, tmp_path: Path):
 
 
 def test_deepspeed_backend_matches_torch(adapter):
-    from learner.deepspeed_backend import DeepSpeedPolicyUpdater
+    from learner.deepspeed_backend import deepspeed_updater
 
     torch.manual_seed(0)
     base = CacovidPolicy.from_adapter(adapter)
@@ -121,14 +121,14 @@ def test_deepspeed_backend_matches_torch(adapter):
     ref = PolicyUpdater(copy.deepcopy(base), CFG.learner, CFG.loss, CFG.rollout.iterations)
     ref_metrics = ref.update(batch)
     ds_cfg = CFG.replace(**{"learner.backend": "deepspeed", "learner.zero_stage": 2})
-    ds = DeepSpeedPolicyUpdater(copy.deepcopy(base), ds_cfg.learner, ds_cfg.loss, ds_cfg.rollout.iterations)
+    ds = deepspeed_updater(copy.deepcopy(base), ds_cfg.learner, ds_cfg.loss, ds_cfg.rollout.iterations)
     ds_metrics = ds.update(batch)
     assert ds_metrics["loss/total"] == pytest.approx(ref_metrics["loss/total"], rel=1e-5)
     for a, b in zip(ref.policy.parameters(), ds.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="stage 3"):
         bad = CFG.replace(**{"learner.backend": "deepspeed", "learner.zero_stage": 3})
-        DeepSpeedPolicyUpdater(copy.deepcopy(base), bad.learner, bad.loss, 1)
+        deepspeed_updater(copy.deepcopy(base), bad.learner, bad.loss, 1)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -137,12 +137,12 @@ def test_deepspeed_resume_equals_uninterrupted(adapter, tmp_path: Path, stage: i
     engine, ``load_checkpoint`` then ``load_optimizer_state``), and the next updates must be those of the run that
     never stopped. The restore has real work to do: Adam's moments and, at ZeRO 1-2, the fp32 master copies that
     the engine steps (not the module weights ``load_checkpoint`` writes), so skipping either shows here."""
-    from learner.deepspeed_backend import DeepSpeedPolicyUpdater
+    from learner.deepspeed_backend import deepspeed_updater
 
     cfg = CFG.replace(**{"learner.backend": "deepspeed", "learner.zero_stage": stage})
 
-    def make() -> DeepSpeedPolicyUpdater:
-        return DeepSpeedPolicyUpdater(copy.deepcopy(base), cfg.learner, cfg.loss, cfg.rollout.iterations)
+    def make() -> PolicyUpdater:
+        return deepspeed_updater(copy.deepcopy(base), cfg.learner, cfg.loss, cfg.rollout.iterations)
 
     torch.manual_seed(0)
     base = CacovidPolicy.from_adapter(adapter)
