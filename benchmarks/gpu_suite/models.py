@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import _fallback_words, default_dtype, param_count
+from benchmarks.common import default_dtype, param_count
 from cacovid_rl.data.prompts import build_prompt
 from cacovid_rl.models.base import VideoLLMAdapter
 from cacovid_rl.types import EncodedQuestion
@@ -150,10 +150,10 @@ def build_random(family: str, device: str, dtype: torch.dtype, quick: bool, seed
 
     from cacovid_rl.models.llava_onevision import LlavaOnevisionAdapter
     from cacovid_rl.models.qwen2_5_vl import Qwen2_5VLAdapter
-    from cacovid_rl.models.tiny import tiny_tokenizer
+    from cacovid_rl.models.tiny import tiny_tokenizer, tiny_vocabulary
 
     t0 = time.perf_counter()
-    tok = tiny_tokenizer(family, _fallback_words())
+    tok = tiny_tokenizer(family, tiny_vocabulary())
     raw = load_config_dict(family)
     if quick:
         raw = shrink(family, raw, len(tok))
