@@ -38,6 +38,7 @@ from tests.cluster.test_job_submit_e2e import (
     _has_ray_client,
     _owned_pids,
     _worker_port_range,
+    start_with_retries,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -175,18 +176,7 @@ def autoscaling_head():
     root = Path(tempfile.mkdtemp(prefix="cacovid-as-", dir="/tmp" if Path("/tmp").is_dir() else None))
     started = None
     try:
-        for attempt in range(3):
-            h = _start_autoscaling_head(root, attempt)
-            try:
-                ready = _wait_head(h)
-            except BaseException:
-                _stop_autoscaling_head(h)
-                raise
-            if ready:
-                started = h
-                break
-            _stop_autoscaling_head(h)  # died while starting: most likely a port taken meanwhile; new ports
-        assert started is not None, f"Ray head failed to start 3 times:\n{h.log_tail()}"
+        started = start_with_retries(root, _start_autoscaling_head, _wait_head, _stop_autoscaling_head)
         yield started
     finally:
         import ray

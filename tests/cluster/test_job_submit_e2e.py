@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +220,28 @@ def _wait_ready(head: Head) -> bool:
     raise TimeoutError(f"Ray head not ready after {HEAD_START_TIMEOUT_S}s:\n{head.log_tail()}")
 
 
+def start_with_retries(
+    root: Path,
+    start: Callable[[Path, int], Head],
+    wait: Callable[[Head], bool],
+    stop: Callable[[Head], None],
+    attempts: int = 3,
+) -> Head:
+    """A started head: ``start`` (with fresh ports each attempt), ``wait`` until it is ready; a head that died while
+    starting (most likely a port taken in between) is stopped and started again, at most ``attempts`` times."""
+    for attempt in range(attempts):
+        head = start(root, attempt)
+        try:
+            ready = wait(head)
+        except BaseException:
+            stop(head)
+            raise
+        if ready:
+            return head
+        stop(head)
+    raise AssertionError(f"Ray head failed to start {attempts} times:\n{head.log_tail()}")
+
+
 def _stop_head(head: Head) -> None:
     """SIGTERM to `ray start --block` (it drains the node and stops its processes), SIGKILL to the
     process group if it hangs, then make sure nothing of this head is left: its GCS and raylet must
@@ -255,18 +278,7 @@ def head():
     root = Path(tempfile.mkdtemp(prefix="cacovid-e2e-", dir="/tmp" if Path("/tmp").is_dir() else None))
     started = None
     try:
-        for attempt in range(3):
-            h = _start_head(root, attempt)
-            try:
-                ready = _wait_ready(h)
-            except BaseException:
-                _stop_head(h)
-                raise
-            if ready:
-                started = h
-                break
-            _stop_head(h)  # died while starting: most likely a port taken meanwhile; new ports
-        assert started is not None, f"Ray head failed to start 3 times:\n{h.log_tail()}"
+        started = start_with_retries(root, _start_head, _wait_ready, _stop_head)
         yield started
     finally:
         if started is not None:
